@@ -1,0 +1,3 @@
+"""The model zoo; importing a module registers its models."""
+
+from xception.models import xception  # noqa: F401

@@ -1,0 +1,107 @@
+"""Weight files: safetensors (no pickled code can run on load) with JSON metadata that
+says which architecture and config the tensors belong to."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+FORMAT = "xception"
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """``write(tmp_path)`` then fsync and rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(
+    model: nn.Module, path: str | Path, model_name: str, metadata: dict[str, Any] | None = None
+) -> None:
+    """Save a model's state dict with its architecture name and config as metadata."""
+    config = getattr(model, "config", None)
+    meta = {
+        "format": FORMAT,
+        "model": model_name,
+        "config": json.dumps(dataclasses.asdict(config) if config is not None else {}),
+    }
+    meta.update({key: json.dumps(value) for key, value in (metadata or {}).items()})
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The JSON-decoded metadata of a weights file (empty for plain safetensors files)."""
+    path = _existing(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+    return {key: _json_or_str(value) for key, value in raw.items()}
+
+
+def _json_or_str(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    return path
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = _existing(path)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Fail on the first missing, unexpected or mis-shaped tensor, naming it and both shapes."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise ValueError(f"{source} lacks {key} (expected shape {tuple(tensor.shape)})")
+        if state[key].shape != tensor.shape:
+            raise ValueError(
+                f"{source}: {key} has shape {tuple(state[key].shape)}, the model "
+                f"expects {tuple(tensor.shape)}"
+            )
+    unexpected = [key for key in state if key not in expected]
+    if unexpected:
+        raise ValueError(
+            f"{source} has {len(unexpected)} tensor(s) the model lacks, "
+            f"first {unexpected[0]} {tuple(state[unexpected[0]].shape)}"
+        )
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a safetensors file strictly; any mismatch fails before the model changes."""
+    state = load_state_dict(path)
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(state)
