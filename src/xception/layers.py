@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 Padding = Literal["tf", "symmetric", "valid"]
-Activation = Literal["none", "relu", "elu"]
+Activation = Literal["none", "relu", "relu6", "elu"]
 PADDINGS: tuple[str, ...] = ("tf", "symmetric", "valid")
-ACTIVATIONS: tuple[str, ...] = ("none", "relu", "elu")
+ACTIVATIONS: tuple[str, ...] = ("none", "relu", "relu6", "elu")
 
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
@@ -124,7 +124,7 @@ def batch_norm(channels: int, eps: float, momentum: float) -> nn.BatchNorm2d:
 
 def activation(name: str) -> nn.Module:
     check_choice("activation", name, ACTIVATIONS)
-    return {"none": nn.Identity, "relu": nn.ReLU, "elu": nn.ELU}[name]()
+    return {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "elu": nn.ELU}[name]()
 
 
 class SeparableConv2d(nn.Module):
