@@ -7,12 +7,22 @@ import argparse
 import ast
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from xception.registry import create_model, get_entry, list_models
 from xception.summary import format_summary, summarize
+from xception.training.loop import TrainingError
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, NotADirectoryError, PermissionError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    KeyError,
+    NotADirectoryError,
+    PermissionError,
+    IsADirectoryError,
+)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -38,6 +48,10 @@ def cmd_summary(args: argparse.Namespace) -> None:
     print(format_summary(summary, f"{args.model} ({get_entry(args.model).description})"))
 
 
+def human_count(value: float) -> str:
+    return f"{value / 1e9:.2f} G" if value >= 1e9 else f"{value / 1e6:.1f} M"
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     rows = [("model", "input", "parameters", "mult-adds", "description")]
     for name in list_models():
@@ -46,11 +60,109 @@ def cmd_models(args: argparse.Namespace) -> None:
         macs = summarize(model, size, depth=0).macs
         params = sum(p.numel() for p in model.parameters())
         rows.append(
-            (name, str(size), f"{params:,}", f"{macs / 1e9:.2f} G", get_entry(name).description)
+            (name, str(size), f"{params:,}", human_count(macs), get_entry(name).description)
         )
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)), row[4])
+
+
+# train flags -> TrainConfig fields (None: not given, so the recipe/YAML value stands)
+TRAIN_FLAGS = {
+    "data": str,
+    "model": str,
+    "epochs": int,
+    "batch_size": int,
+    "image_size": int,
+    "lr": float,
+    "device": str,
+    "amp": str,
+    "seed": int,
+    "workers": int,
+    "save_every": int,
+    "max_steps": int,
+}
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    for flag in ("channels_last", "compile", "multi_label"):
+        if getattr(args, flag):
+            values[flag] = True
+    values.update(dict(parse_override(item) for group in args.set or [] for item in group))
+    if args.override:
+        values["model_overrides"] = overrides_of(args)
+    return values
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from xception.training.loop import resume, train
+    from xception.training.recipes import load_yaml, resolve
+
+    if args.resume is not None:
+        if args.config or args.recipe or args.out or args.overwrite:
+            raise ValueError(
+                "--resume continues a run as configured; drop --config, "
+                "--recipe, --out and --overwrite"
+            )
+        result = resume(Path(args.resume), train_overrides(args), progress=not args.quiet)
+    else:
+        yaml_values = load_yaml(args.config) if args.config else {}
+        recipe = args.recipe or yaml_values.pop("recipe", None) or "quick"
+        config = resolve(recipe, yaml_values, train_overrides(args))
+        result = train(
+            config,
+            recipe,
+            Path(args.out) if args.out else None,
+            args.overwrite,
+            progress=not args.quiet,
+        )
+    if result.run_dir is None:
+        return
+    metrics = result.metrics
+    score = ", ".join(
+        f"{k} {metrics[k]:.4f}"
+        for k in ("val_top1", "val_top5", "val_map100", "val_raw_top1")
+        if k in metrics
+    )
+    print(f"done in {result.wall_time:.0f} s ({result.images_per_second:.0f} images/s): {score}")
+    print(f"run folder: {result.run_dir}")
+    print(
+        f"weights:    {result.run_dir / 'best.safetensors'} (best), "
+        f"{result.run_dir / 'last.safetensors'} (last)"
+    )
+    print(f"profile:    {result.run_dir / 'profile.png'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from xception.inference import evaluate_weights
+
+    metrics, path = evaluate_weights(
+        Path(args.weights),
+        args.data,
+        raw=args.raw,
+        batch_size=args.batch_size,
+        device=args.device,
+        workers=args.workers,
+        output=args.json,
+    )
+    for key, value in metrics.items():
+        print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
+    print(f"written to {path}")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from xception.inference import format_predictions, predict_paths
+
+    rows, failures = predict_paths(
+        Path(args.weights),
+        [Path(p) for p in args.images],
+        top_k=args.top_k,
+        raw=args.raw,
+        device=args.device,
+    )
+    print(format_predictions(rows, args.format))
+    return 1 if failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,17 +184,89 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the registered models")
     models.set_defaults(run=cmd_models)
+
+    train = commands.add_parser(
+        "train",
+        help="train a model (default: xception_tiny on the built-in data set)",
+        description="Train on an image folder (ROOT/train/<class>, ROOT/val/<class>; or "
+        "train.csv/val.csv manifests for multi-label data) or, without --data, on the "
+        "built-in procedurally rendered data set. Under torchrun it trains with DDP.",
+    )
+    train.add_argument("--data", help="data folder (default: the built-in data set)")
+    train.add_argument("--model", help="model name (see `xception models`)")
+    train.add_argument("--recipe", help="quick (default), paper-imagenet or paper-jft")
+    train.add_argument("--config", help="YAML file of training options")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    train.add_argument("--batch-size", type=int, help="global batch (split across processes)")
+    train.add_argument("--image-size", type=int)
+    train.add_argument("--lr", type=float, help="learning rate")
+    train.add_argument("--out", help="run folder (default: runs/<model>-<timestamp>)")
+    train.add_argument("--resume", metavar="PATH", help="continue the run in this folder")
+    train.add_argument("--overwrite", action="store_true", help="replace a run in --out")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--amp", choices=("none", "bf16", "fp16"))
+    train.add_argument("--channels-last", action="store_true")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument(
+        "--multi-label",
+        action="store_true",
+        help="built-in data set in its multi-label (JFT-like) mode",
+    )
+    train.add_argument("--seed", type=int)
+    train.add_argument("--workers", type=int, help="data loading processes")
+    train.add_argument("--save-every", type=int, metavar="STEPS")
+    train.add_argument(
+        "--set",
+        nargs="+",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any training option, e.g. weight_decay=4e-5 ema_decay=0",
+    )
+    train.add_argument(
+        "--override",
+        nargs="+",
+        action="append",
+        metavar="KEY=VALUE",
+        help="model config fields, e.g. residual=False",
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="top-1/top-5 (or MAP@100) of a weights file")
+    evaluate.add_argument("--weights", required=True)
+    evaluate.add_argument("--data", help="data folder (default: the built-in data set)")
+    evaluate.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
+    evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    evaluate.add_argument("--workers", type=int, default=2)
+    evaluate.add_argument("--json", help="where to write the metrics (default: beside weights)")
+    evaluate.set_defaults(run=cmd_eval)
+
+    predict = commands.add_parser("predict", help="top-k classes of images")
+    predict.add_argument("images", nargs="+", metavar="IMAGE|DIR")
+    predict.add_argument("--weights", required=True)
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    predict.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
+    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    predict.set_defaults(run=cmd_predict)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    run: Callable[[argparse.Namespace], None] = args.run
+    run: Callable[[argparse.Namespace], int | None] = args.run
     try:
-        run(args)
+        return run(args) or 0
     except USER_ERRORS as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"xception {args.command}: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    except TrainingError as error:
+        print(f"xception {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"xception {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 FORMAT = "xception"
+RAW_PREFIX = "raw/"  # raw (not averaged) weights stored beside the averaged ones
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -34,9 +35,27 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def save_weights(
-    model: nn.Module, path: str | Path, model_name: str, metadata: dict[str, Any] | None = None
+    model: nn.Module,
+    path: str | Path,
+    model_name: str,
+    metadata: dict[str, Any] | None = None,
+    raw: nn.Module | None = None,
 ) -> None:
-    """Save a model's state dict with its architecture name and config as metadata."""
+    """Save a model's state dict with its architecture name and config as metadata.
+
+    ``raw``, when given, is stored beside it under ``raw/`` (training saves the Polyak
+    averaged weights as the default and the raw ones next to them).
+    """
+    atomic_write(Path(path), lambda tmp: write_weights(tmp, model, model_name, metadata, raw))
+
+
+def write_weights(
+    path: str | Path,
+    model: nn.Module,
+    model_name: str,
+    metadata: dict[str, Any] | None = None,
+    raw: nn.Module | None = None,
+) -> None:
     config = getattr(model, "config", None)
     meta = {
         "format": FORMAT,
@@ -45,7 +64,11 @@ def save_weights(
     }
     meta.update({key: json.dumps(value) for key, value in (metadata or {}).items()})
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    if raw is not None:
+        tensors.update(
+            {RAW_PREFIX + k: v.detach().contiguous() for k, v in raw.state_dict().items()}
+        )
+    save_file(tensors, str(path), metadata=meta)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -100,8 +123,35 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         )
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
+def select(state: dict[str, torch.Tensor], raw: bool, source: str) -> dict[str, torch.Tensor]:
+    """The averaged (default) or the raw weights of a file that may hold both."""
+    if not raw:
+        return {k: v for k, v in state.items() if not k.startswith(RAW_PREFIX)}
+    chosen = {k.removeprefix(RAW_PREFIX): v for k, v in state.items() if k.startswith(RAW_PREFIX)}
+    if not chosen:
+        raise ValueError(f"{source} holds no raw weights (it was saved without averaging)")
+    return chosen
+
+
+def load_weights(model: nn.Module, path: str | Path, raw: bool = False) -> None:
     """Load a safetensors file strictly; any mismatch fails before the model changes."""
-    state = load_state_dict(path)
+    state = select(load_state_dict(path), raw, str(path))
     check_state_dict(model, state, str(path))
     model.load_state_dict(state)
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def load_model(path: str | Path, raw: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the architecture a file describes and load it: (model, metadata)."""
+    from xception.registry import create_model
+
+    metadata = read_metadata(path)
+    if metadata.get("format") != FORMAT or "model" not in metadata:
+        raise ValueError(f"{path} is not an xception weights file (its metadata names no model)")
+    config = {key: _tuples(value) for key, value in metadata.get("config", {}).items()}
+    model = create_model(metadata["model"], **config)
+    load_weights(model, path, raw=raw)
+    return model, metadata

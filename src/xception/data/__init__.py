@@ -1,0 +1,1 @@
+"""Data sets for training and evaluation, the built-in synthetic shapes set included."""

@@ -1,0 +1,146 @@
+"""Image folders and CSV manifests: finding samples, checking the layout, reading images.
+
+Layouts:
+
+- single-label (torchvision ImageFolder): ``ROOT/train/<class>/*``, ``ROOT/val/<class>/*``;
+- multi-label (the paper's JFT setting): ``ROOT/train.csv`` and ``ROOT/val.csv`` with a
+  header ``path,labels``, paths relative to ROOT and labels separated by ``;``.
+
+Layout problems fail before training; a corrupt image fails only itself (it is skipped,
+counted and logged by the loader), so one bad file never kills a long run.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageFile
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Split:
+    """The samples of one split: paths and label indices (one per image, or several)."""
+
+    root: Path
+    paths: tuple[str, ...]
+    labels: tuple[tuple[int, ...], ...]
+    classes: tuple[str, ...]
+    multi_label: bool
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+
+
+def _folder_split(root: Path, split: str) -> tuple[list[str], list[str], list[int]]:
+    folder = root / split
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{root} has no '{split}' folder (expected "
+            f"{root}/{split}/<class>/<image> or {root}/{split}.csv)"
+        )
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"{folder} has no class folders")
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        images = _images_in(folder / name)
+        if not images:
+            raise ValueError(f"class folder {folder / name} holds no images")
+        paths += [str(p.relative_to(root)) for p in images]
+        labels += [index] * len(images)
+    return classes, paths, labels
+
+
+def _manifest_split(root: Path, split: str) -> tuple[list[str], list[list[str]]]:
+    manifest = root / f"{split}.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{root} has no {split}.csv manifest")
+    paths, names = [], []
+    with manifest.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or {"path", "labels"} - set(reader.fieldnames):
+            raise ValueError(f"{manifest} must have a header 'path,labels'")
+        for line, row in enumerate(reader, 2):
+            labels = [label.strip() for label in (row["labels"] or "").split(";") if label.strip()]
+            if not row["path"] or not labels:
+                raise ValueError(f"{manifest}:{line}: needs a path and at least one label")
+            paths.append(row["path"])
+            names.append(labels)
+    if not paths:
+        raise ValueError(f"{manifest} lists no images")
+    return paths, names
+
+
+def discover(root: str | Path) -> dict[str, Split]:
+    """Both splits of a data set, checked: same classes, no empty class, nothing missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    if (root / "train.csv").is_file():
+        return _discover_manifest(root)
+    found = {split: _folder_split(root, split) for split in SPLITS}
+    classes = found["train"][0]
+    if found["val"][0] != classes:
+        extra = sorted(set(found["val"][0]) ^ set(classes))
+        raise ValueError(
+            f"train and val have different classes (e.g. {extra[0]!r}): "
+            "every class needs a folder in both splits"
+        )
+    return {
+        split: Split(root, tuple(paths), tuple((label,) for label in labels), tuple(classes), False)
+        for split, (_, paths, labels) in found.items()
+    }
+
+
+def _discover_manifest(root: Path) -> dict[str, Split]:
+    found = {split: _manifest_split(root, split) for split in SPLITS}
+    classes = sorted({name for names in found["train"][1] for name in names})
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({n for names in found["val"][1] for n in names} - set(index))
+    if unknown:
+        raise ValueError(f"val.csv uses label {unknown[0]!r}, which no training image has")
+    return {
+        split: Split(
+            root,
+            tuple(paths),
+            tuple(tuple(sorted({index[n] for n in names})) for names in labels),
+            tuple(classes),
+            True,
+        )
+        for split, (paths, labels) in found.items()
+    }
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """Decode fully (so truncation shows here) and convert any mode to RGB.
+
+    Transparent images are composited on white rather than losing alpha to black.
+    Raises ``OSError``/``ValueError`` for unreadable files.
+    """
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's palette-transparency warnings are not ours
+        with Image.open(path) as image:
+            image.load()
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")
+            if image.mode in ("RGBA", "LA"):
+                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+            if image.mode in ("I", "I;16", "I;16B", "F"):
+                image = image.point(lambda v: v / 256).convert("L")
+            return image.convert("RGB")

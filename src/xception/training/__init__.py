@@ -1,0 +1,1 @@
+"""Training utilities: optimiser, learning-rate schedules and Polyak (EMA) weight averaging."""

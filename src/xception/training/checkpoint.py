@@ -1,0 +1,117 @@
+"""Checkpoints: weights in safetensors, the rest of the training state in a file that loads
+with ``torch.load(weights_only=True)``; neither can run code when read.
+
+A checkpoint is a pair (``NAME.safetensors``, ``NAME.state.pt``) stamped with the same
+step. Both are written to temporary files and fsynced before either is renamed into
+place; if a run dies between the two renames, the next load finishes the second one
+(the temporary state file is complete by then). So a run killed at any moment leaves the
+last complete checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xception.weights import atomic_write, read_metadata
+
+STATE_SUFFIX = ".state.pt"
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: optimizer steps taken, epoch, batches done in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    keys = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def state_path(weights_path: Path) -> Path:
+    return weights_path.with_name(weights_path.name.removesuffix(".safetensors") + STATE_SUFFIX)
+
+
+def save_checkpoint(weights_path: Path, write_weights: Any, state: dict[str, Any]) -> None:
+    """``write_weights(tmp_path)`` writes the safetensors file (its metadata must carry
+    ``step``); ``state`` (with ``position``) goes to the companion state file."""
+    pending = _pending(weights_path)
+    write_weights(str(pending))
+    _fsync(pending)
+    state_tmp = _pending(state_path(weights_path))
+    torch.save(state, state_tmp)
+    _fsync(state_tmp)
+    os.replace(pending, weights_path)
+    os.replace(state_tmp, state_path(weights_path))
+
+
+def _pending(path: Path) -> Path:
+    return path.with_name(f".{path.name}.pending")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def load_state(weights_path: Path) -> dict[str, Any]:
+    """The state of the checkpoint whose weights are at ``weights_path``, checked to match."""
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {weights_path}")
+    step = read_metadata(weights_path).get("step")
+    path = state_path(weights_path)
+    pending = _pending(path)
+    if pending.is_file() and _read_state(pending)["position"]["step"] == step:
+        os.replace(pending, path)  # finish a save that died between its two renames
+    if not path.is_file():
+        raise FileNotFoundError(f"training state not found next to the checkpoint: {path}")
+    state = _read_state(path)
+    if state["position"]["step"] != step:
+        raise ValueError(
+            f"{path} (step {state['position']['step']}) does not belong to "
+            f"{weights_path} (step {step})"
+        )
+    return state
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unpickling failure means an unusable file
+        raise ValueError(f"{path} is not a readable training state ({error})") from None
+
+
+def copy_weights(source: Path, target: Path) -> None:
+    """Atomic copy (``best`` from ``last``): readers see the old or the new file, whole."""
+    data = source.read_bytes()
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))

@@ -1,0 +1,75 @@
+"""The command line: output a user reads, and one-line errors with a non-zero exit."""
+
+import subprocess
+import sys
+
+import pytest
+
+from xception import create_model
+from xception.cli import main, parse_override
+
+
+def test_summary_prints_the_layer_table_and_totals(capsys):
+    assert main(["summary", "xception"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters: 22,855,952" in out
+    assert "buffers (BN stats):   54,528" in out
+    assert "8.36 G) at 299x299" in out
+    assert "middle_flow" in out and "block12" in out
+
+
+def test_summary_applies_overrides_and_image_size(capsys):
+    argv = [
+        "summary",
+        "xception",
+        "--override",
+        "residual=False",
+        "mid_activation=relu",
+        "--image-size",
+        "71",
+        "--depth",
+        "1",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "21,878,880" in out and "at 71x71" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["summary", "xceptoin"], "unknown model 'xceptoin'; known models:"),
+        (["summary", "xception", "--override", "groups=4"], "no option 'groups'"),
+        (["summary", "xception", "--override", "spatial_groups=16"], "spatial_groups=16"),
+        (["summary", "xception", "--override", "residual"], "not of the form key=value"),
+        (["summary", "xception", "--image-size", "64"], "H, W >= 71"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_status_2(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_parse_override_reads_python_literals_and_falls_back_to_strings():
+    assert parse_override("fc_layers=(4096, 4096)") == ("fc_layers", (4096, 4096))
+    assert parse_override("spatial_groups=None") == ("spatial_groups", None)
+    assert parse_override("mid_activation=elu") == ("mid_activation", "elu")
+
+
+def test_models_lists_every_registered_model(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "22,855,952" in out and "23,626,728" in out and "4,231,976" in out
+
+
+def test_console_entry_point_and_module_run():
+    tiny = sum(p.numel() for p in create_model("xception_tiny").parameters())
+    result = subprocess.run(
+        [sys.executable, "-m", "xception", "summary", "xception_tiny", "--depth", "0"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"trainable parameters: {tiny:,}" in result.stdout
