@@ -165,6 +165,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if args.source_format == "keras":
+        from xception.interop.keras import convert_keras as convert
+    else:
+        from xception.interop.timm import convert_timm as convert
+    convert(Path(args.source), args.model, out, include_top=not args.notop)
+    print(f"wrote {out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from xception.export import export_onnx, export_program
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if args.format == "onnx":
+        export_onnx(Path(args.weights), out, dynamic_size=args.dynamic_size, raw=args.raw)
+    else:
+        export_program(Path(args.weights), out, raw=args.raw)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xception", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -251,6 +276,28 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
     predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     predict.set_defaults(run=cmd_predict)
+
+    convert = commands.add_parser("convert", help="Keras or timm/Cadene weights -> ours")
+    convert.add_argument("source", metavar="SRC", help=".h5 / .weights.h5 / .pth / .safetensors")
+    convert.add_argument("--from", dest="source_format", required=True, choices=("keras", "timm"))
+    convert.add_argument("--model", required=True, help="xception, inception_v3, mobilenet_v1...")
+    convert.add_argument("--out", required=True, help="output .safetensors file")
+    convert.add_argument("--notop", action="store_true", help="the file has no classifier")
+    convert.add_argument("--overwrite", action="store_true")
+    convert.set_defaults(run=cmd_convert)
+
+    export = commands.add_parser("export", help="ONNX or torch.export program of a weights file")
+    export.add_argument("--weights", required=True)
+    export.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
+    export.add_argument("--out", required=True)
+    export.add_argument(
+        "--dynamic-size",
+        action="store_true",
+        help="ONNX: dynamic height and width too (batch is always dynamic)",
+    )
+    export.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(run=cmd_export)
     return parser
 
 

@@ -112,6 +112,18 @@ def _expand(paths: list[Path]) -> list[Path]:
     return files
 
 
+def _predictor(weights: Path, raw: bool, device: str) -> tuple[Any, dict[str, Any], Preprocessing]:
+    """(uint8 batch -> logits, metadata, preprocessing) for our weights or an ONNX export."""
+    if weights.suffix == ".onnx":
+        from xception.export import load_onnx_session, predict_onnx_batch
+
+        session, metadata = load_onnx_session(weights)
+        pre = _preprocessing(metadata, weights)
+        return (lambda images: predict_onnx_batch(session, images, pre)), metadata, pre
+    model, metadata, pre, target = _load(weights, raw, device)
+    return (lambda images: model(normalize(images.to(target), pre, torch.float32))), metadata, pre
+
+
 @torch.no_grad()
 def predict_paths(
     weights: Path,
@@ -121,10 +133,13 @@ def predict_paths(
     device: str = "auto",
     batch_size: int = 32,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Top-k (class, probability) per image; unreadable images get an ``error`` instead."""
+    """Top-k (class, probability) per image; unreadable images get an ``error`` instead.
+
+    ``weights`` is one of our weight files or an ONNX export (run with onnxruntime).
+    """
     if top_k < 1:
         raise ValueError(f"--top-k must be positive, got {top_k}")
-    model, metadata, pre, target = _load(weights, raw, device)
+    predict, metadata, pre = _predictor(weights, raw, device)
     classes, multi_label = metadata["classes"], bool(metadata.get("multi_label"))
     rows: list[dict[str, Any]] = []
     pending: list[tuple[int, torch.Tensor]] = []
@@ -132,8 +147,7 @@ def predict_paths(
     def flush() -> None:
         if not pending:
             return
-        images = torch.stack([image for _, image in pending]).to(target)
-        logits = model(normalize(images, pre, torch.float32)).float()
+        logits = predict(torch.stack([image for _, image in pending])).float()
         probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
         values, indices = probs.topk(min(top_k, len(classes)), dim=1)
         for (row, _), v, i in zip(pending, values.tolist(), indices.tolist(), strict=True):

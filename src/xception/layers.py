@@ -51,11 +51,24 @@ def _pad_same(
     dilation: tuple[int, int],
     value: float = 0.0,
 ) -> torch.Tensor:
-    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0], dilation[0])
-    left, right = same_padding(x.shape[-1], kernel[1], stride[1], dilation[1])
-    if top or bottom or left or right:
-        x = F.pad(x, (left, right, top, bottom), value=value)
-    return x
+    """TF SAME padding as branch-free arithmetic on the sizes, so that it stays correct in
+    graphs exported with a dynamic height and width (ONNX, torch.export).
+
+    Each dimension is padded to ``(out - 1) * stride + max(kernel, stride)`` with
+    ``out = ceil(size / stride)``: TF's exact padding when ``kernel >= stride``; for smaller
+    kernels (1x1 stride-2 shortcuts) TF's padding plus trailing rows the kernel never reads.
+    Every branch's output is then the same ``ceil(size / stride)`` expression, which lets an
+    exporter prove that residual adds and concatenations match at every size.
+    """
+    pads: list = []
+    for dim, k, s, d in zip((-1, -2), kernel[::-1], stride[::-1], dilation[::-1], strict=True):
+        size = x.shape[dim]
+        effective = (k - 1) * d + 1
+        out = (size + s - 1) // s
+        tf_total = (out - 1) * s + effective - size
+        before = tf_total // 2 if effective >= s else torch.sym_max(tf_total, 0) // 2
+        pads += [before, (out - 1) * s + max(effective, s) - size - before]
+    return F.pad(x, pads, value=value)
 
 
 def check_choice(field: str, value: object, choices: tuple[object, ...]) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import xception
-from xception.interop import timm_xception_key
+from xception.interop.timm import timm_xception_key
 
 PAPER_PARAMS = 22_855_952
 # Input channels of every separable convolution in Fig. 5, in order.

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -217,6 +218,7 @@ def test_torchrun_two_gloo_processes_equal_one_process(image_folder, tmp_path):
         "--lr",
         "0.001",
         "--set",
+        "optimizer=sgd",
         "dropout=0.0",
         "ema_decay=0.5",
         "warmup_steps=0",
@@ -259,5 +261,36 @@ def test_torchrun_two_gloo_processes_equal_one_process(image_folder, tmp_path):
     assert ddp.keys() == one.keys()
     for key in one:
         if one[key].is_floating_point():
-            torch.testing.assert_close(ddp[key], one[key], rtol=0, atol=1e-4, msg=key)
+            torch.testing.assert_close(
+                ddp[key], one[key], rtol=0, atol=1e-4, msg=lambda m, k=key: f"{k}: {m}"
+            )
     assert not (tmp_path / "ddp" / "run.log").read_text().count("rank 1")
+
+
+def test_bf16_channels_last_and_gradient_accumulation_run(image_folder, tmp_path):
+    result = train(
+        config(image_folder, max_steps=2, amp="bf16", channels_last=True, grad_accum=2),
+        out=tmp_path / "run",
+        progress=False,
+    )
+    assert result.metrics["step"] == 2 and result.images_per_second > 0
+    state = torch.load(tmp_path / "run" / "last.state.pt", weights_only=True)
+    assert state["position"]["step"] == 2
+
+
+def test_the_default_job_trains_on_the_built_in_data_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("XCEPTION_CACHE", str(tmp_path / "cache"))
+    defaults = resolve("quick")
+    assert defaults.data is None and defaults.model == "xception_tiny"
+    small = replace(
+        defaults,
+        builtin_train_per_class=7,
+        builtin_val_per_class=2,
+        batch_size=16,
+        max_steps=2,
+        workers=0,
+    )
+    result = train(small, "quick", out=tmp_path / "run", progress=False)
+    assert result.metrics["step"] == 2
+    meta = read_metadata(tmp_path / "run" / "last.safetensors")
+    assert meta["builtin_data"]["train_per_class"] == 7 and len(meta["classes"]) == 10

@@ -52,7 +52,7 @@ from xception.training.logs import (
 )
 from xception.training.optim import LRSchedule, RMSpropTF, param_groups, scale_lr, set_lr
 from xception.training.recipes import TrainConfig, from_yaml_file, to_yaml
-from xception.weights import load_weights, write_weights
+from xception.weights import atomic_write, load_weights, write_weights
 
 RUN_ARTIFACTS = (
     "config.yaml",
@@ -76,7 +76,7 @@ class RunResult:
     run_dir: Path
     metrics: dict[str, float]
     wall_time: float
-    images_per_second: float
+    images_per_second: float  # training throughput (evaluation excluded)
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -335,7 +335,8 @@ class Trainer:
             config.batch_size,
             self.position.step,
         )
-        start, images_seen, metrics = time.perf_counter(), 0, rows[-1] if rows else {}
+        start, metrics = time.perf_counter(), rows[-1] if rows else {}
+        images_seen, train_seconds = 0, 0.0
         bar = tqdm(
             total=total_steps,
             initial=self.position.step,
@@ -349,6 +350,7 @@ class Trainer:
                 sampler.set_position(epoch, self.position.batch_in_epoch * config.grad_accum)
                 train = self._train_epoch(model, train_loader, total_steps, bar, board, log)
                 images_seen += train.pop("images")
+                train_seconds += train.pop("seconds")
                 finished_epoch = self.position.batch_in_epoch == 0
                 if finished_epoch or self.position.step >= total_steps:
                     metrics = {
@@ -365,7 +367,9 @@ class Trainer:
             if board is not None:
                 board.close()
         wall = time.perf_counter() - start
-        result = RunResult(self.run_dir or Path("."), metrics, wall, images_seen / max(wall, 1e-9))
+        result = RunResult(
+            self.run_dir or Path("."), metrics, wall, images_seen / max(train_seconds, 1e-9)
+        )
         if self.run_dir is not None:
             summary = {
                 "metrics": metrics,
@@ -375,7 +379,8 @@ class Trainer:
                 "model": config.model,
                 "steps": self.position.step,
             }
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            text = json.dumps(summary, indent=2)
+            atomic_write(self.run_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
         close_logger(log)
         return result
 
@@ -447,7 +452,11 @@ class Trainer:
         )
         if world.distributed:
             torch.distributed.all_reduce(total)
-        return {"train_loss": (total[0] / total[1].clamp(min=1)).item(), "images": images}
+        return {
+            "train_loss": (total[0] / total[1].clamp(min=1)).item(),
+            "images": images,
+            "seconds": time.perf_counter() - tick,
+        }
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

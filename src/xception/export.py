@@ -1,0 +1,194 @@
+"""Export a self-describing weights file to ONNX (onnxruntime, TensorRT, ...) or to a
+torch.export program (``.pt2``: AOTInductor, ExecuTorch), carrying the class names and
+preprocessing along so the exported file is as self-describing as the weights.
+
+Both go through ``torch.export.export``: it fails loudly when a dimension marked dynamic
+would be specialised, where ``torch.onnx.export`` alone silently falls back to a graph with
+the example's sizes baked in.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+
+from xception.data.transforms import Preprocessing, normalize
+from xception.weights import atomic_write, load_model
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+INPUT, OUTPUT = "images", "logits"
+AXES = {0: "batch", 2: "height", 3: "width"}  # names of the input's dynamic axes
+PREFIX = "xception."  # ONNX metadata_props keys
+PROGRAM_METADATA = "xception.json"  # the .pt2 archive's extra file
+INSTALL_HINT = "pip install 'xception[export]'"
+EXAMPLE_BATCH = 2  # torch.export specialises dimensions whose example size is 0 or 1
+
+
+def _require(*modules: str) -> list[Any]:
+    """Import the optional export dependencies, naming the extra that provides them."""
+    try:
+        return [importlib.import_module(name) for name in modules]
+    except ImportError as error:
+        raise ImportError(f"{error.name} is not installed: {INSTALL_HINT}") from error
+
+
+def _load(weights: Path, raw: bool) -> tuple[nn.Module, dict[str, Any], int]:
+    """The float32 eval model, the metadata to embed and the image size it was trained at."""
+    model, metadata = load_model(weights, raw=raw)
+    missing = [key for key in ("classes", "preprocessing") if key not in metadata]
+    if missing:
+        raise ValueError(f"{weights} carries no {' or '.join(missing)} metadata")
+    size = int(metadata["preprocessing"].get("image_size", Preprocessing.image_size))
+    embedded = {
+        "model": metadata["model"],
+        "config": metadata.get("config", {}),
+        "classes": metadata["classes"],
+        "preprocessing": metadata["preprocessing"],
+        "multi_label": bool(metadata.get("multi_label", False)),
+    }
+    return model.float().eval(), embedded, size
+
+
+def _last_map_size(model: nn.Module, size: int) -> int:
+    with torch.no_grad():
+        return model.forward_features(torch.zeros(1, model.in_chans, size, size)).shape[-1]
+
+
+def _smallest_dynamic_size(model: nn.Module) -> int:
+    """The smallest input size whose last feature map is at least 2x2.
+
+    torch.export treats size-1 dimensions specially (broadcasting, contiguity), so a graph
+    traced where the last map is 1x1 (Inception V3 at 75 px) holds only there, and one traced
+    above cannot promise sizes where it would be 1x1: the dynamic range starts here.
+    """
+    low = high = model.min_input_size
+    while _last_map_size(model, high) < 2:
+        low, high = high + 1, high * 2
+    while low < high:  # the map grows with the input: bisect for the first size that fits
+        middle = (low + high) // 2
+        low, high = (low, middle) if _last_map_size(model, middle) >= 2 else (middle + 1, high)
+    return high
+
+
+def _export(model: nn.Module, size: int, dynamic_size: bool) -> ExportedProgram:
+    """Export at the image size with a dynamic batch (and H, W) that must stay dynamic."""
+    dims = {0: Dim(AXES[0], min=1)}
+    if dynamic_size:
+        smallest = _smallest_dynamic_size(model)
+        size = max(size, smallest)
+        dims |= {axis: Dim(AXES[axis], min=smallest) for axis in (2, 3)}
+    example = torch.zeros(EXAMPLE_BATCH, model.in_chans, size, size)
+    with torch.no_grad():
+        return torch.export.export(model, (example,), dynamic_shapes=(dims,))
+
+
+def _name_axes(graph: Any) -> None:
+    """Call the input's symbolic axes batch/height/width (not s77) wherever shapes use them."""
+    dims = graph.input[0].type.tensor_type.shape.dim
+    mapping = {dims[axis].dim_param: name for axis, name in AXES.items() if dims[axis].dim_param}
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, mapping)) + r")\b")
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        for dim in info.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda match: mapping[match[0]], dim.dim_param)
+
+
+def export_onnx(
+    weights: Path,
+    out: Path,
+    dynamic_size: bool = False,
+    raw: bool = False,
+    opset: int | None = None,
+) -> Path:
+    """Write ``weights`` as an ONNX graph ``images`` (N, 3, H, W in [-1, 1]) -> ``logits``.
+
+    The batch is always dynamic; ``dynamic_size`` makes H and W dynamic too, from the
+    smallest size whose last feature map is 2x2 (71 px for Xception, 33 for MobileNet, 107
+    for Inception V3). Metadata goes to ``metadata_props`` as ``xception.*``.
+    """
+    onnx, _, _ = _require("onnx", "onnxruntime", "onnxscript")
+    model, metadata, size = _load(Path(weights), raw)
+    program = torch.onnx.export(
+        _export(model, size, dynamic_size),
+        dynamo=True,
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        opset_version=opset,
+        verbose=False,
+    )
+    proto = program.model_proto
+    _name_axes(proto.graph)
+    onnx.helper.set_model_props(
+        proto,
+        {
+            PREFIX + key: value if key == "model" else json.dumps(value)
+            for key, value in metadata.items()
+        },
+    )
+    onnx.checker.check_model(proto)
+    out = Path(out)
+    atomic_write(out, lambda tmp: onnx.save_model(proto, tmp, format="protobuf"))
+    return out
+
+
+def load_onnx_session(path: Path) -> tuple[onnxruntime.InferenceSession, dict[str, Any]]:
+    """An onnxruntime session on the best available provider, and the embedded metadata."""
+    (ort,) = _require("onnxruntime")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX file not found: {path}")
+    session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+    props = session.get_modelmeta().custom_metadata_map
+    if PREFIX + "model" not in props:
+        raise ValueError(f"{path} was not exported by xception (no {PREFIX}model metadata)")
+    metadata = {
+        key.removeprefix(PREFIX): value if key == PREFIX + "model" else json.loads(value)
+        for key, value in props.items()
+        if key.startswith(PREFIX)
+    }
+    return session, metadata
+
+
+def predict_onnx_batch(
+    session: onnxruntime.InferenceSession, images_uint8: torch.Tensor, pre: Preprocessing
+) -> torch.Tensor:
+    """Logits of a uint8 NCHW batch, normalised exactly as ``xception predict`` does."""
+    images = normalize(images_uint8.cpu(), pre, torch.float32).numpy()
+    (logits,) = session.run([OUTPUT], {INPUT: images})
+    return torch.from_numpy(logits)
+
+
+def export_program(weights: Path, out: Path, raw: bool = False) -> Path:
+    """Save a torch.export program with a dynamic batch; metadata rides in the archive."""
+    model, metadata, size = _load(Path(weights), raw)
+    program = _export(model, size, dynamic_size=False)
+    extra = {PROGRAM_METADATA: json.dumps(metadata)}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: the temporary name does not end in .pt2
+            torch.export.save(program, f, extra_files=extra)
+
+    out = Path(out)
+    atomic_write(out, write)
+    return out
+
+
+def load_program(path: Path) -> tuple[ExportedProgram, dict[str, Any]]:
+    """A program saved by ``export_program`` and its metadata; call ``.module()`` to run it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported program not found: {path}")
+    extra = {PROGRAM_METADATA: ""}
+    program = torch.export.load(path, extra_files=extra)
+    if not extra[PROGRAM_METADATA]:
+        raise ValueError(f"{path} was not exported by xception (no {PROGRAM_METADATA})")
+    return program, json.loads(extra[PROGRAM_METADATA])
