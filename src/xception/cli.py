@@ -190,6 +190,42 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from xception.benchmarking import BenchConfig, format_table, run, to_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    config = BenchConfig(
+        mode=args.mode,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        rounds=args.rounds,
+    )
+    specs = args.contender or (["ours", "ours-fast"] if args.mode == "inference" else ["ours"])
+    specs = [*specs, *(args.reference or [])]
+    results = run(specs, args.model, config, progress=lambda m: print(m, file=sys.stderr))
+    print(
+        f"{args.model}, {args.mode}, batch {args.batch_size}, {args.image_size}px, "
+        f"{args.device}, amp {args.amp}, channels_last {args.channels_last}, "
+        f"compile {args.compile}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(format_table(results, config, args.baseline))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(to_json(results, config, args.model, args.baseline), indent=2)
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xception", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -298,6 +334,38 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(run=cmd_export)
+
+    bench = commands.add_parser(
+        "bench",
+        help="interleaved speed comparison (medians, spread, ratios)",
+        description="Contenders: ours (eager), ours-fast (BN folded, inference only), "
+        "timm:NAME (needs timm), onnxruntime (our ONNX export). The first is the baseline.",
+    )
+    bench.add_argument("model", nargs="?", default="xception")
+    bench.add_argument("--mode", choices=("inference", "train"), default="inference")
+    bench.add_argument(
+        "--contender",
+        action="append",
+        metavar="SPEC",
+        help="ours, ours-fast, timm:NAME, onnxruntime (repeatable)",
+    )
+    bench.add_argument(
+        "--reference",
+        action="append",
+        metavar="SPEC",
+        help="added after the contenders, e.g. timm:legacy_xception",
+    )
+    bench.add_argument("--baseline", help="contender the ratios refer to (default: first)")
+    bench.add_argument("--batch-size", type=int, default=8)
+    bench.add_argument("--image-size", type=int, default=299)
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    bench.add_argument("--channels-last", action="store_true")
+    bench.add_argument("--compile", action="store_true")
+    bench.add_argument("--threads", type=int, help="torch CPU threads")
+    bench.add_argument("--rounds", type=int, default=7)
+    bench.add_argument("--json", help="write the results here too")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 

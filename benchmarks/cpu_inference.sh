@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# CPU inference, float32, 299x299: timm's legacy_xception in its default eager mode (the
+# baseline), our eager model, our fast path (BN folded, channels_last), the same compiled,
+# and onnxruntime on our own ONNX export -- interleaved in one process per batch size.
+set -euo pipefail
+out=${1:-benchmarks/out}
+mkdir -p "$out"
+echo "date: $(date -u +%F)  machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+python -c "import torch, timm, onnxruntime; print('torch', torch.__version__, 'timm', timm.__version__, 'onnxruntime', onnxruntime.__version__)"
+for batch in 1 8; do
+    xception bench xception --batch-size "$batch" --rounds "${ROUNDS:-7}" \
+        --contender timm:legacy_xception --contender ours --contender ours-fast \
+        --contender ours-compiled --contender onnxruntime --json "$out/cpu_inference_b$batch.json"
+done
+# Training throughput (forward + backward + SGD step) at 128x128, batch 16.
+xception bench xception --mode train --batch-size 16 --image-size 128 --rounds "${ROUNDS:-5}" \
+    --contender timm:legacy_xception --contender ours --json "$out/cpu_train_b16_128.json"

@@ -1,0 +1,234 @@
+"""``xception bench``: side-by-side speed of models and implementations, in one process.
+
+Machines are noisy, so contenders are interleaved: each round times every contender once
+(a fixed number of iterations), after a warm-up; we report the median over rounds, the
+spread (min-max of the rounds) and each median's ratio to the baseline (the first
+contender unless named). References from other libraries (``timm:NAME``) are imported only
+when asked for, and ``onnxruntime`` runs our own ONNX export of the model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from xception.fusion import inference_model
+from xception.registry import create_model
+
+Mode = Literal["inference", "train"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    mode: Mode = "inference"
+    batch_size: int = 8
+    image_size: int = 299
+    device: str = "cpu"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    warmup: int = 2
+    rounds: int = 7
+    iterations: int = 3  # per contender per round
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: list[float] = field(default_factory=list)  # per iteration, one entry per round
+    peak_memory_mb: float | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def images_per_second(self, batch: int) -> float:
+        return batch / self.median
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, amp: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _input(config: BenchConfig, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = torch.randn(config.batch_size, 3, config.image_size, config.image_size, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _prepare(model: nn.Module, config: BenchConfig, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model, dynamic=False) if config.compile else model
+
+
+def torch_step(
+    model: nn.Module, config: BenchConfig, device: torch.device, channels_last: bool
+) -> Callable[[], None]:
+    """One inference batch, or one full training step (forward, backward, SGD update)."""
+    x = _input(config, device, channels_last)
+    if config.mode == "inference":
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), _autocast(device, config.amp):
+                model(x)
+
+        return infer
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    target = torch.zeros(config.batch_size, dtype=torch.long, device=device)
+
+    def train() -> None:
+        with _autocast(device, config.amp):
+            loss = nn.functional.cross_entropy(model(x).float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train
+
+
+def contender(
+    spec: str, model_name: str, config: BenchConfig, device: torch.device
+) -> Callable[[], None]:
+    """A step function for ``spec``.
+
+    ``ours`` and ``timm:NAME`` follow ``--channels-last`` / ``--compile``; ``ours-fast`` is
+    the inference path (BN folded, channels_last) and ``ours-compiled`` the same compiled;
+    ``onnxruntime`` runs our ONNX export.
+    """
+    if spec == "ours":
+        model = _prepare(create_model(model_name), config, device)
+        return torch_step(model, config, device, config.channels_last)
+    if spec in ("ours-fast", "ours-compiled"):
+        if config.mode != "inference":
+            raise ValueError(f"{spec} (BN folded) is an inference path; use ours for train")
+        fast = inference_model(
+            create_model(model_name).to(device), channels_last=True, compile=spec == "ours-compiled"
+        )
+        return torch_step(fast, config, device, channels_last=True)
+    if spec.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise ValueError("the timm reference needs timm installed (pip install timm)") from None
+        model = timm.create_model(spec.removeprefix("timm:"), pretrained=False)
+        return torch_step(_prepare(model, config, device), config, device, config.channels_last)
+    if spec == "onnxruntime":
+        return _onnxruntime_step(model_name, config)
+    raise ValueError(
+        f"unknown contender {spec!r}: ours, ours-fast, ours-compiled, timm:NAME or onnxruntime"
+    )
+
+
+def _onnxruntime_step(model_name: str, config: BenchConfig) -> Callable[[], None]:
+    if config.mode != "inference":
+        raise ValueError("onnxruntime is an inference contender")
+    from xception.export import export_onnx, load_onnx_session
+    from xception.weights import save_weights
+
+    folder = Path(tempfile.mkdtemp(prefix="xception-bench-"))
+    model = create_model(model_name, image_size=config.image_size)
+    metadata = {
+        "classes": [str(i) for i in range(model.num_classes)],
+        "preprocessing": {"image_size": config.image_size},
+    }
+    save_weights(model, folder / "w.safetensors", model_name, metadata)
+    export_onnx(folder / "w.safetensors", folder / "m.onnx")
+    session, _ = load_onnx_session(folder / "m.onnx")
+    x = torch.randn(config.batch_size, 3, config.image_size, config.image_size).numpy()
+    name = session.get_inputs()[0].name
+    return lambda: session.run(None, {name: x})
+
+
+def run(
+    specs: list[str],
+    model_name: str,
+    config: BenchConfig,
+    progress: Callable[[str], None] | None = None,
+) -> list[Result]:
+    """Interleaved timing of every contender; results in the order given."""
+    device = torch.device(config.device)
+    steps = {spec: contender(spec, model_name, config, device) for spec in specs}
+    results = {spec: Result(spec) for spec in specs}
+    for spec, step in steps.items():  # warm-up (and compilation) before any timing
+        for _ in range(config.warmup):
+            step()
+        _sync(device)
+        if progress:
+            progress(f"warmed up {spec}")
+    for _ in range(config.rounds):
+        for spec, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(config.iterations):
+                step()
+            _sync(device)
+            results[spec].seconds.append((time.perf_counter() - start) / config.iterations)
+            if device.type == "cuda":
+                results[spec].peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    return list(results.values())
+
+
+def format_table(results: list[Result], config: BenchConfig, baseline: str | None = None) -> str:
+    base = next(r for r in results if r.name == (baseline or results[0].name))
+    rows = [("contender", "median ms", "min-max ms", "images/s", f"x {base.name}", "peak MB")]
+    for r in results:
+        rows.append(
+            (
+                r.name,
+                f"{r.median * 1e3:.1f}",
+                f"{min(r.seconds) * 1e3:.1f}-{max(r.seconds) * 1e3:.1f}",
+                f"{r.images_per_second(config.batch_size):.1f}",
+                f"{base.median / r.median:.2f}",
+                f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb is not None else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    )
+
+
+def to_json(
+    results: list[Result], config: BenchConfig, model_name: str, baseline: str | None = None
+) -> dict:
+    base = next(r for r in results if r.name == (baseline or results[0].name))
+    return {
+        "model": model_name,
+        "config": config.__dict__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "results": [
+            {
+                "name": r.name,
+                "median_s": r.median,
+                "rounds_s": r.seconds,
+                "images_per_s": r.images_per_second(config.batch_size),
+                "ratio_to_baseline": base.median / r.median,
+                "peak_memory_mb": r.peak_memory_mb,
+            }
+            for r in results
+        ],
+    }
