@@ -108,3 +108,27 @@ def test_predict_runs_an_onnx_export_like_the_weights(trained, tmp_path):
         for p, q in zip(a["predictions"], b["predictions"], strict=True):
             assert abs(p["probability"] - q["probability"]) < 1e-4
     assert main(["export", "--weights", str(weights), "--out", str(onnx_file)]) == 2  # exists
+
+
+def test_eval_never_overwrites_an_existing_file(trained, tmp_path):
+    root, weights = trained
+    keep = tmp_path / "keep.json"
+    keep.write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        evaluate_weights(weights, str(root), workers=0, output=str(keep))
+    assert keep.read_text() == "mine"
+
+
+def test_notop_files_give_no_predictions(tmp_path):
+    import xception
+    from xception.weights import save_weights
+
+    path = tmp_path / "notop.safetensors"
+    save_weights(
+        xception.create_model("xception_tiny", num_classes=0),
+        path,
+        "xception_tiny",
+        {"classes": [], "preprocessing": {"image_size": 96}},
+    )
+    with pytest.raises(ValueError, match="notop"):
+        predict_paths(path, [path])

@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from xception.registry import create_model, get_entry, list_models
-from xception.summary import format_summary, summarize
+from xception.summary import count_macs, format_summary, summarize
 from xception.training.loop import TrainingError
+from xception.weights import atomic_write
 
+# ImportError: an optional extra (onnx, h5py) is missing; its message says what to install.
 USER_ERRORS = (
+    ImportError,
     ValueError,
     FileNotFoundError,
     FileExistsError,
@@ -57,7 +60,7 @@ def cmd_models(args: argparse.Namespace) -> None:
     for name in list_models():
         model = create_model(name)
         size = model.config.image_size
-        macs = summarize(model, size, depth=0).macs
+        macs = count_macs(model, size)
         params = sum(p.numel() for p in model.parameters())
         rows.append(
             (name, str(size), f"{params:,}", human_count(macs), get_entry(name).description)
@@ -145,6 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         device=args.device,
         workers=args.workers,
         output=args.json,
+        overwrite=args.overwrite,
     )
     for key, value in metrics.items():
         print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
@@ -197,6 +201,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     from xception.benchmarking import BenchConfig, format_table, run, to_json
 
+    if args.json and Path(args.json).exists():
+        raise FileExistsError(f"{args.json} exists; choose another --json path")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -221,9 +227,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     )
     print(format_table(results, config, args.baseline))
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(to_json(results, config, args.model, args.baseline), indent=2)
-        )
+        text = json.dumps(to_json(results, config, args.model, args.baseline), indent=2)
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(text))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -302,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     evaluate.add_argument("--workers", type=int, default=2)
     evaluate.add_argument("--json", help="where to write the metrics (default: beside weights)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --json")
     evaluate.set_defaults(run=cmd_eval)
 
     predict = commands.add_parser("predict", help="top-k classes of images")

@@ -19,7 +19,7 @@ from xception.data.transforms import Preprocessing, normalize
 from xception.evaluation import class_frequency_weights, evaluate
 from xception.training.distributed import World
 from xception.training.loop import resolve_device
-from xception.weights import load_model
+from xception.weights import atomic_write, load_model
 
 
 def _preprocessing(metadata: dict[str, Any], source: Path) -> Preprocessing:
@@ -34,8 +34,11 @@ def _preprocessing(metadata: dict[str, Any], source: Path) -> Preprocessing:
 
 def _load(weights: Path, raw: bool, device: str):
     model, metadata = load_model(weights, raw=raw)
-    if "classes" not in metadata:
-        raise ValueError(f"{weights} carries no class names")
+    if not metadata.get("classes"):
+        raise ValueError(
+            f"{weights} has no classifier or no class names (a --notop file "
+            "gives features, not predictions)"
+        )
     target = resolve_device(device)
     return model.to(target).eval(), metadata, _preprocessing(metadata, weights), target
 
@@ -57,8 +60,17 @@ def evaluate_weights(
     device: str = "auto",
     workers: int = 2,
     output: str | None = None,
+    overwrite: bool = False,
 ) -> tuple[dict[str, Any], Path]:
-    """Metrics of a weights file on the val split of ``data``; written as JSON too."""
+    """Metrics of a weights file on the val split of ``data``; written as JSON too (never
+    over an existing file unless ``overwrite``)."""
+    path = (
+        Path(output)
+        if output
+        else weights.with_name(f"{weights.name.removesuffix('.safetensors')}.eval.json")
+    )
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite or choose another --json path")
     model, metadata, pre, target = _load(weights, raw, device)
     splits = discover(_data_root(data, metadata, weights))
     classes = list(splits["val"].classes)
@@ -69,12 +81,9 @@ def evaluate_weights(
             f"{len(classes)} ({', '.join(classes[:3])}, ...)"
         )
     multi_label = splits["val"].multi_label
-    weights_per_class = None
-    if multi_label:
-        matrix = torch.zeros(len(splits["train"]), len(classes))
-        for row, labels in enumerate(splits["train"].labels):
-            matrix[row, list(labels)] = 1.0
-        weights_per_class = class_frequency_weights(matrix)
+    weights_per_class = (
+        class_frequency_weights(splits["train"].label_matrix()) if multi_label else None
+    )
     loader = make_loader(
         ImageDataset(splits["val"], pre, train=False),
         EvalBatchSampler(len(splits["val"]), batch_size),
@@ -89,12 +98,8 @@ def evaluate_weights(
         **metrics,
         "skipped_files": skipped,
     }
-    path = (
-        Path(output)
-        if output
-        else weights.with_name(f"{weights.name.removesuffix('.safetensors')}.eval.json")
-    )
-    path.write_text(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return result, path
 
 

@@ -192,3 +192,16 @@ def test_dynamic_batch_export_matches_eager():
     y = torch.randn(5, 3, 71, 71)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(y), model(y), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"fc_layers": 4096}, "fc_layers"),
+        ({"middle_blocks": 2.5}, "middle_blocks"),
+        ({"residual": "no"}, "residual"),
+    ],
+)
+def test_wrongly_typed_options_name_the_field(override, field):
+    with pytest.raises(ValueError, match=field):
+        xception.create_model("xception", **override)

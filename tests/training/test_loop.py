@@ -294,3 +294,37 @@ def test_the_default_job_trains_on_the_built_in_data_set(tmp_path, monkeypatch):
     assert result.metrics["step"] == 2
     meta = read_metadata(tmp_path / "run" / "last.safetensors")
     assert meta["builtin_data"]["train_per_class"] == 7 and len(meta["classes"]) == 10
+
+
+def test_a_batch_of_unreadable_files_neither_hangs_nor_repeats(tmp_path):
+    from conftest import write_folder
+
+    root = write_folder(tmp_path / "data", per_class=(3, 2))
+    (root / "train" / "red" / "zz_bad.png").write_bytes(b"not an image")
+    result = train(
+        config(root, batch_size=1, epochs=2, warmup_steps=0), out=tmp_path / "run", progress=False
+    )
+    assert result.metrics["step"] == 2 * 10  # 10 files a epoch, the unreadable one included
+    assert "zz_bad.png" in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(image_folder, tmp_path):
+    run = tmp_path / "run"
+    train(config(image_folder, max_steps=1), out=run, progress=False)
+    before = (run / "last.safetensors").read_bytes()
+    with pytest.raises(FileNotFoundError):
+        train(config(tmp_path / "typo", max_steps=1), out=run, overwrite=True, progress=False)
+    assert (run / "last.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"batch_size": 6, "grad_accum": 4}, "multiple of grad_accum"),
+        ({"epochs": "ten"}, "epochs='ten'"),
+        ({"model_overrides": 5}, "model_overrides=5"),
+    ],
+)
+def test_invalid_training_options_name_the_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve("quick", overrides=overrides)

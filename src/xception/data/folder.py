@@ -17,6 +17,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageFile
 
 IMAGE_EXTENSIONS = frozenset(
@@ -37,6 +38,13 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def label_matrix(self) -> torch.Tensor:
+        """(images, classes) 0/1 matrix of the labels."""
+        matrix = torch.zeros(len(self.paths), len(self.classes))
+        for row, labels in enumerate(self.labels):
+            matrix[row, list(labels)] = 1.0
+        return matrix
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -88,6 +96,8 @@ def _manifest_split(root: Path, split: str) -> tuple[list[str], list[list[str]]]
 def discover(root: str | Path) -> dict[str, Split]:
     """Both splits of a data set, checked: same classes, no empty class, nothing missing."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"--data must be a folder, and {root} is a file")
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
     if (root / "train.csv").is_file():

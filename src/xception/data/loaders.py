@@ -112,6 +112,8 @@ class EvalBatchSampler(Sampler[list[tuple[int, int]]]):
     """Every sample exactly once across ranks (no padding to skew the metrics)."""
 
     def __init__(self, size: int, batch: int, rank: int = 0, world: int = 1) -> None:
+        if batch < 1:
+            raise ValueError(f"batch size {batch} must be positive")
         self.indices = list(range(rank, size, world))
         self.batch = batch
 

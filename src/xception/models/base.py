@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import dataclass, fields
 
 import torch
@@ -19,8 +21,40 @@ class FeatureInfo:
     reduction: int
 
 
+def _accepts(hint: object, value: object) -> bool:
+    """Whether ``value`` fits a simple annotation (classes, unions, tuples, dicts; Literal
+    values are left to ``check_choice``, which names the choices)."""
+    origin = typing.get_origin(hint)
+    if hint is typing.Any or origin is typing.Literal:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(hint))
+    if origin is tuple:
+        return isinstance(value, tuple) and all(
+            _accepts(typing.get_args(hint)[0], v) for v in value
+        )
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def check_types(config: object) -> None:
+    """Reject a field of the wrong type (``fc_layers=4096``, ``epochs="ten"``), naming it."""
+    hints = typing.get_type_hints(type(config))
+    for field in fields(config):  # type: ignore[arg-type]
+        value = getattr(config, field.name)
+        if not _accepts(hints[field.name], value):
+            raise ValueError(f"{field.name}={value!r} is not a valid {field.type}")
+
+
 def check_config(config: object, allow_zero: tuple[str, ...] = ("num_classes", "dropout")) -> None:
-    """Reject negative (or, outside ``allow_zero``, zero) numbers early, naming the field."""
+    """Reject wrong types and negative (or, outside ``allow_zero``, zero) numbers early,
+    naming the field."""
+    check_types(config)
     for field in fields(config):  # type: ignore[arg-type]
         value = getattr(config, field.name)
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -1,7 +1,7 @@
 """Xception, as drawn in the paper's Fig. 5 (entry flow, middle flow x8, exit flow).
 
 Layer names follow Keras' reference implementation (``block4_sepconv2`` is
-``entry_flow.block4.sepconv2``), so a weight file, a stack trace and the paper line up.
+``entry_flow.block4.convs.sepconv2``), so a weight file, a stack trace and the paper line up.
 Every paper knob is a field of ``XceptionConfig``; the defaults are the paper's model.
 """
 

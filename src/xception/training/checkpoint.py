@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xception.weights import atomic_write, read_metadata
+from xception.weights import read_metadata
 
 STATE_SUFFIX = ".state.pt"
 
@@ -38,7 +38,9 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "numpy_rest": [
+            int(v) if i < 2 else float(v) for i, v in enumerate(np.random.get_state()[2:])
+        ],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -49,7 +51,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuple(state["python"]))
     keys = state["numpy"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, state["numpy_pos"], 0, 0.0))
+    position, has_gauss, cached = state["numpy_rest"]
+    np.random.set_state(("MT19937", keys, int(position), int(has_gauss), float(cached)))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -109,9 +112,3 @@ def _read_state(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure means an unusable file
         raise ValueError(f"{path} is not a readable training state ({error})") from None
-
-
-def copy_weights(source: Path, target: Path) -> None:
-    """Atomic copy (``best`` from ``last``): readers see the old or the new file, whole."""
-    data = source.read_bytes()
-    atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))

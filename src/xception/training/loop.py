@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from xception.data.folder import Split, discover
 from xception.data.loaders import (
+    Batch,
     EvalBatchSampler,
     ImageDataset,
     TrainBatchSampler,
@@ -73,7 +74,7 @@ class TrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class RunResult:
-    run_dir: Path
+    run_dir: Path | None  # None on the ranks that do not write
     metrics: dict[str, float]
     wall_time: float
     images_per_second: float  # training throughput (evaluation excluded)
@@ -87,20 +88,25 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def prepare_run_dir(config: TrainConfig, out: Path | None, overwrite: bool) -> Path:
-    """A fresh run folder; an existing one with our files is only cleared on --overwrite."""
+def run_folder(config: TrainConfig, out: Path | None, overwrite: bool) -> tuple[Path, list[Path]]:
+    """The run folder and the files of an earlier run in it that --overwrite will replace.
+
+    Checked on every rank before anything starts (so no rank waits for one that failed),
+    and before anything is deleted (so a mistake elsewhere never costs the old run)."""
     run_dir = out or Path("runs") / f"{config.model}-{datetime.now():%Y%m%d-%H%M%S}"
-    existing = [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
+    existing = [run_dir / name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
     if existing and not overwrite:
         raise FileExistsError(
-            f"{run_dir} already holds a run ({existing[0]}); pass --resume "
+            f"{run_dir} already holds a run ({existing[0].name}); pass --resume "
             f"{run_dir} to continue it or --overwrite to start over"
         )
-    for name in existing:
-        path = run_dir / name
+    return run_dir, existing
+
+
+def clear_run_folder(run_dir: Path, existing: list[Path]) -> None:
+    for path in existing:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def builtin_spec(config: TrainConfig) -> SyntheticSpec | None:
@@ -232,18 +238,11 @@ class Trainer:
         self.best: float | None = None
         self.pre = preprocessing(config)
         self.class_weights = (
-            class_frequency_weights(self._label_matrix("train"))
+            class_frequency_weights(self.splits["train"].label_matrix())
             if config.loss == "sigmoid"
             else None
         )
         self.skipped: set[str] = set()
-
-    def _label_matrix(self, split: str) -> torch.Tensor:
-        data = self.splits[split]
-        matrix = torch.zeros(len(data), len(self.classes))
-        for row, labels in enumerate(data.labels):
-            matrix[row, list(labels)] = 1.0
-        return matrix
 
     # -- checkpoints ------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -259,7 +258,9 @@ class Trainer:
             "builtin_data": asdict(spec) if spec else None,
         }
 
-    def save(self, metrics: dict[str, float] | None = None) -> None:
+    def save(self, metrics: dict[str, float] | None = None, best: bool = False) -> None:
+        """Save ``last`` (and first ``best``, so a crash in between cannot leave a stale
+        best file behind a state that already records the new best)."""
         if self.run_dir is None:
             return
         averaged = self.ema.averaged if self.ema is not None else self.model
@@ -268,6 +269,9 @@ class Trainer:
 
         def write(tmp: str) -> None:
             write_weights(tmp, averaged, self.config.model, meta, raw=raw)
+
+        if best:
+            atomic_write(self.run_dir / "best.safetensors", write)
 
         state = {
             "position": asdict(self.position),
@@ -357,7 +361,7 @@ class Trainer:
                         "epoch": epoch
                         + (1 if finished_epoch else self.position.batch_in_epoch / steps_per_epoch),
                         "step": self.position.step,
-                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "lr": self._lr(),
                         **train,
                         **self._evaluate(val_loader),
                     }
@@ -408,21 +412,26 @@ class Trainer:
         tick = time.perf_counter()
         for batch in loader:
             self._note_skipped(batch.skipped, log)
-            if batch.images.shape[0] == 0:
-                continue
-            x = normalize(batch.images.to(self.device, non_blocking=True), self.pre, torch.float32)
+            # A batch whose files were all unreadable still counts as a micro-step (with zero
+            # weight), so the position advances and every rank joins the gradient all-reduce.
+            empty = batch.images.shape[0] == 0
+            images_in = self._placeholder(batch) if empty else batch
+            x = normalize(
+                images_in.images.to(self.device, non_blocking=True), self.pre, torch.float32
+            )
             if config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = batch.targets.to(self.device, non_blocking=True)
+            y = images_in.targets.to(self.device, non_blocking=True)
             micro += 1
             sync = micro == config.grad_accum
             no_sync = getattr(model, "no_sync", None)
             context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
             with context, autocast(self.device, config.amp):
-                loss = loss_fn(config, model(x), y)
+                loss = loss_fn(config, model(x), y) * (0.0 if empty else 1.0)
             self.scaler.scale(loss / config.grad_accum).backward()
-            loss_sum += loss.detach().double() * x.shape[0]
-            counted += x.shape[0]
+            if not empty:
+                loss_sum += loss.detach().double() * x.shape[0]
+                counted += x.shape[0]
             if not sync:
                 continue
             micro = 0
@@ -461,6 +470,13 @@ class Trainer:
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    def _placeholder(self, batch: Batch) -> Batch:
+        """One blank image standing in for a batch of unreadable files."""
+        size = self.config.image_size
+        multi = self.config.loss == "sigmoid"
+        target = torch.zeros(1, len(self.classes)) if multi else torch.zeros(1, dtype=torch.long)
+        return Batch(torch.zeros(1, 3, size, size, dtype=torch.uint8), target, batch.skipped)
+
     def _step(self, loss: torch.Tensor) -> None:
         config = self.config
         steps_per_epoch = len(self.splits["train"]) // config.batch_size
@@ -484,6 +500,12 @@ class Trainer:
         self.position = ckpt.Position(position.step + 1, epoch, batch)
 
     def _check_finite(self, loss: torch.Tensor) -> None:
+        """Raise on a non-finite loss; under DDP all ranks decide together (sum the losses:
+        one rank's NaN makes every rank's sum NaN), so none is left waiting in a collective."""
+        loss = loss.detach().float().reshape(())
+        if self.world.distributed:
+            loss = loss.to(self.device)
+            torch.distributed.all_reduce(loss)
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingError(
@@ -531,11 +553,9 @@ class Trainer:
         improved = self.best is None or metrics[key] > self.best
         if improved:
             self.best = metrics[key]
-        self.save(metrics)
+        self.save(metrics, best=improved)
         if self.run_dir is None:
             return
-        if improved:
-            ckpt.copy_weights(self.run_dir / "last.safetensors", self.run_dir / "best.safetensors")
         rows.append(metrics)
         write_metrics(self.run_dir, rows)
         plot_profile(self.run_dir, rows, f"{self.config.model} ({self.recipe or 'custom'})")
@@ -562,12 +582,14 @@ def train(
     progress: bool = True,
 ) -> RunResult:
     """Train from scratch into ``out`` (default ``runs/<model>-<timestamp>``)."""
+    run_dir, existing = run_folder(config, out, overwrite)
     world = init_world(resolve_device(config.device).type)
     try:
-        run_dir = prepare_run_dir(config, out, overwrite) if world.is_main else None
-        trainer = Trainer(config, recipe, run_dir, world, progress)
-        if run_dir is not None:
+        trainer = Trainer(config, recipe, None, world, progress)  # checks data and model first
+        if world.is_main:
+            clear_run_folder(run_dir, existing)
             (run_dir / "config.yaml").write_text(to_yaml(trainer.config, recipe))
+            trainer.run_dir = run_dir
         return trainer.run()
     finally:
         close_world(world)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from xception.layers import check_choice
+from xception.models.base import check_types
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
+        check_types(self)
         check_choice("optimizer", self.optimizer, ("sgd", "rmsprop_tf", "adamw"))
         check_choice("lr_decay_unit", self.lr_decay_unit, ("epoch", "samples", "step"))
         check_choice("loss", self.loss, ("softmax", "sigmoid"))
@@ -93,6 +95,10 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be positive")
 
