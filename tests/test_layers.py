@@ -11,7 +11,6 @@ from xception.layers import (
     ConvNormAct,
     MaxPool2d,
     SeparableConv2d,
-    same_padding,
 )
 
 keras = pytest.importorskip("keras")
@@ -23,21 +22,6 @@ def to_nhwc(x: torch.Tensor) -> np.ndarray:
 
 def from_keras(y) -> torch.Tensor:
     return torch.as_tensor(np.asarray(keras.ops.convert_to_numpy(y))).permute(0, 3, 1, 2)
-
-
-@pytest.mark.parametrize(
-    ("size", "kernel", "stride", "expected"),
-    [
-        (74, 3, 2, (0, 1)),
-        (147, 3, 2, (1, 1)),
-        (37, 3, 2, (1, 1)),
-        (19, 3, 1, (1, 1)),
-        (8, 1, 2, (0, 0)),
-        (10, 4, 1, (1, 2)),
-    ],
-)
-def test_same_padding_splits_the_extra_pixel_after(size, kernel, stride, expected):
-    assert same_padding(size, kernel, stride) == expected
 
 
 @pytest.mark.parametrize("size", [9, 10, 13, 74])

@@ -25,14 +25,6 @@ PADDINGS: tuple[str, ...] = ("tf", "symmetric", "valid")
 ACTIVATIONS: tuple[str, ...] = ("none", "relu", "relu6", "elu")
 
 
-def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
-    """TensorFlow SAME padding (before, after) for one spatial dimension."""
-    effective = (kernel - 1) * dilation + 1
-    out = -(size // -stride)
-    total = max((out - 1) * stride + effective - size, 0)
-    return total // 2, total - total // 2
-
-
 def _static_padding(padding: str, kernel: int, stride: int, dilation: int) -> int | None:
     """The symmetric padding that realises ``padding``, or None when it depends on the input."""
     if padding == "valid":

@@ -8,6 +8,7 @@ from timm.optim import RMSpropTF as TimmRMSpropTF
 from torch import nn
 
 from xception.layers import SeparableConv2d
+from xception.training.loop import build_schedule
 from xception.training.optim import (
     LRSchedule,
     RMSpropTF,
@@ -16,6 +17,7 @@ from xception.training.optim import (
     set_lr,
     staircase_decay,
 )
+from xception.training.recipes import resolve
 
 
 def _small_model() -> nn.Module:
@@ -122,11 +124,11 @@ def test_staircase_changes_exactly_at_the_boundary():
     assert staircase_decay(0.045, 1.999999, 2, 0.94) == 0.045
     assert staircase_decay(0.045, 2.0, 2, 0.94) == pytest.approx(0.045 * 0.94)
     assert staircase_decay(0.045, 5.5, 2, 0.94) == pytest.approx(0.045 * 0.94**2)
-    jft = LRSchedule.jft()
+    jft = build_schedule(resolve("paper-jft"))  # the recipes carry the paper's schedules
     assert jft.lr_at(0, 0.0, 2_999_999) == 0.001
     assert jft.lr_at(0, 0.0, 3_000_000) == pytest.approx(0.0009)
     assert jft.lr_at(0, 0.0, 9_000_000_000) == pytest.approx(0.001 * 0.9**3000)
-    imagenet = LRSchedule.imagenet()
+    imagenet = build_schedule(resolve("paper-imagenet"))
     steps_per_epoch = 1251
     for step, expected in [(2 * steps_per_epoch - 1, 0.045), (2 * steps_per_epoch, 0.0423)]:
         assert imagenet.lr_at(step, step / steps_per_epoch, 0) == pytest.approx(expected)

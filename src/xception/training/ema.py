@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import nn
@@ -58,11 +57,3 @@ class ModelEma:
         for ema_buffer, buffer in zip(self.averaged.buffers(), model.buffers(), strict=True):
             ema_buffer.copy_(buffer)
         self.num_updates += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        """Averaged weights and the update count: enough to resume the warm-up bit-exactly."""
-        return {"averaged": self.averaged.state_dict(), "num_updates": self.num_updates}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.averaged.load_state_dict(state["averaged"])
-        self.num_updates = int(state["num_updates"])

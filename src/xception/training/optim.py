@@ -197,16 +197,6 @@ class LRSchedule:
         if self.decay_every <= 0 or self.decay_factor <= 0 or self.warmup_steps < 0:
             raise ValueError("decay_every and decay_factor must be positive, warmup_steps >= 0")
 
-    @classmethod
-    def imagenet(cls, warmup_steps: int = 0) -> LRSchedule:
-        """The paper's ImageNet recipe (SGD): 0.045, x0.94 every 2 epochs."""
-        return cls(0.045, 0.94, 2, "epoch", warmup_steps)
-
-    @classmethod
-    def jft(cls, warmup_steps: int = 0) -> LRSchedule:
-        """The paper's JFT recipe (RMSprop): 0.001, x0.9 every 3,000,000 samples."""
-        return cls(0.001, 0.9, 3_000_000, "samples", warmup_steps)
-
     def lr_at(self, step: int, epoch_float: float, samples_seen: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based), given the matching progress."""
         progress = {"epoch": epoch_float, "samples": samples_seen, "step": step}[self.decay_unit]
