@@ -502,7 +502,7 @@ class Trainer:
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Raise on a non-finite loss; under DDP all ranks decide together (sum the losses:
         one rank's NaN makes every rank's sum NaN), so none is left waiting in a collective."""
-        loss = loss.detach().float().reshape(())
+        loss = loss.detach().float().reshape(()).clone()  # never reduce the loss in place
         if self.world.distributed:
             loss = loss.to(self.device)
             torch.distributed.all_reduce(loss)
