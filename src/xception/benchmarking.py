@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from xception.fusion import inference_model
+from xception.precision import autocast
 from xception.registry import create_model
 
 Mode = Literal["inference", "train"]
@@ -59,11 +60,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, amp: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def _input(config: BenchConfig, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = torch.randn(config.batch_size, 3, config.image_size, config.image_size, device=device)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -85,7 +81,7 @@ def torch_step(
         model.eval()
 
         def infer() -> None:
-            with torch.inference_mode(), _autocast(device, config.amp):
+            with torch.inference_mode(), autocast(device, config.amp):
                 model(x)
 
         return infer
@@ -94,7 +90,7 @@ def torch_step(
     target = torch.zeros(config.batch_size, dtype=torch.long, device=device)
 
     def train() -> None:
-        with _autocast(device, config.amp):
+        with autocast(device, config.amp):
             loss = nn.functional.cross_entropy(model(x).float(), target)
         loss.backward()
         optimizer.step()

@@ -232,6 +232,7 @@ def evaluate(
     Returns the metrics and the unreadable files that were skipped.
     """
     from xception.data.transforms import normalize
+    from xception.precision import autocast
     from xception.training.distributed import all_gather_cat, all_reduce_sum
 
     was_training = model.training
@@ -239,7 +240,6 @@ def evaluate(
     meter = ClassificationMeter(device)
     scores, targets, skipped = [], [], []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     for batch in loader:
         skipped += batch.skipped
         if batch.images.shape[0] == 0:
@@ -248,7 +248,7 @@ def evaluate(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch.targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device, amp):
             logits = model(x).float()
         if multi_label:
             loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum") / y.shape[1]

@@ -34,6 +34,7 @@ from xception.data.loaders import (
 from xception.data.synthetic import SyntheticSpec, materialize
 from xception.data.transforms import Preprocessing, normalize
 from xception.evaluation import class_frequency_weights, evaluate
+from xception.precision import autocast
 from xception.registry import create_model
 from xception.training import checkpoint as ckpt
 from xception.training.distributed import (
@@ -187,13 +188,6 @@ def loss_fn(config: TrainConfig, logits: torch.Tensor, targets: torch.Tensor) ->
     if config.loss == "sigmoid":
         return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
     return F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class Trainer:
