@@ -231,6 +231,7 @@ class Trainer:
         self.position = ckpt.Position()
         self.best: float | None = None
         self.pre = preprocessing(config)
+        self.steps_per_epoch = len(self.splits["train"]) // config.batch_size
         self.class_weights = (
             class_frequency_weights(self.splits["train"].label_matrix())
             if config.loss == "sigmoid"
@@ -320,7 +321,7 @@ class Trainer:
             pin,
         )
         model = self._wrap(self.model)
-        steps_per_epoch = len(self.splits["train"]) // config.batch_size
+        steps_per_epoch = self.steps_per_epoch
         total_steps = steps_per_epoch * config.epochs
         if config.max_steps is not None:
             total_steps = min(total_steps, config.max_steps)
@@ -473,7 +474,7 @@ class Trainer:
 
     def _step(self, loss: torch.Tensor) -> None:
         config = self.config
-        steps_per_epoch = len(self.splits["train"]) // config.batch_size
+        steps_per_epoch = self.steps_per_epoch
         position = self.position
         epoch_float = position.epoch + position.batch_in_epoch / steps_per_epoch
         set_lr(
