@@ -4,6 +4,7 @@ around it: rank-aware helpers, metric reduction, and synchronised BatchNorm on C
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -39,8 +40,20 @@ def init_world(device_type: str) -> World:
 
 
 def close_world(world: World) -> None:
+    """Free the group while the interpreter is alive.
+
+    The collection frees groups that reference cycles (DDP's hooks) keep alive, so that
+    gloo's worker threads are joined now rather than during interpreter shutdown, where
+    one still releasing a tensor aborts the process (SIGABRT).
+    """
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:

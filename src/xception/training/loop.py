@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +40,7 @@ from xception.registry import create_model
 from xception.training import checkpoint as ckpt
 from xception.training.distributed import (
     World,
+    barrier,
     close_world,
     convert_sync_batchnorm,
     init_world,
@@ -129,8 +131,7 @@ def load_data(config: TrainConfig, world: World, progress: bool) -> dict[str, Sp
         return discover(config.data)
     if world.is_main:
         root = materialize(spec, workers=config.workers, progress=progress)
-    if world.distributed:
-        torch.distributed.barrier()
+    barrier(world)
     if not world.is_main:
         root = materialize(spec, progress=False)
     return discover(root)
@@ -578,16 +579,16 @@ def train(
 ) -> RunResult:
     """Train from scratch into ``out`` (default ``runs/<model>-<timestamp>``)."""
     run_dir, existing = run_folder(config, out, overwrite)
-    world = init_world(resolve_device(config.device).type)
-    try:
+
+    def start(world: World) -> Trainer:
         trainer = Trainer(config, recipe, None, world, progress)  # checks data and model first
         if world.is_main:
             clear_run_folder(run_dir, existing)
             (run_dir / "config.yaml").write_text(to_yaml(trainer.config, recipe))
             trainer.run_dir = run_dir
-        return trainer.run()
-    finally:
-        close_world(world)
+        return trainer
+
+    return run_in_world(config, start)
 
 
 def resume(path: Path, overrides: dict[str, Any] | None = None, progress: bool = True) -> RunResult:
@@ -604,10 +605,23 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, progress: bool =
         raise FileNotFoundError(f"nothing to resume: {weights} does not exist")
     saved, recipe = from_yaml_file(weights.parent / "config.yaml")
     config = replace(saved, **overrides)
-    world = init_world(resolve_device(config.device).type)
-    try:
+
+    def start(world: World) -> Trainer:
         trainer = Trainer(config, recipe, weights.parent, world, progress)
         trainer.restore(weights)
-        return trainer.run()
+        return trainer
+
+    return run_in_world(config, start)
+
+
+def run_in_world(config: TrainConfig, start: Callable[[World], Trainer]) -> RunResult:
+    """Run a trainer inside the torchrun group (if any). The trainer, and with it the DDP
+    model holding the process group, is gone before the group is closed: a gloo group that
+    outlives the interpreter aborts the process at exit."""
+    world = init_world(resolve_device(config.device).type)
+    try:
+        result = start(world).run()
+        barrier(world)  # no rank closes its connections while a peer is in a collective
+        return result
     finally:
         close_world(world)
