@@ -65,7 +65,7 @@ def _input(config: BenchConfig, device: torch.device, channels_last: bool) -> to
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _prepare(model: nn.Module, config: BenchConfig, device: torch.device) -> nn.Module:
+def prepare_model(model: nn.Module, config: BenchConfig, device: torch.device) -> nn.Module:
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -109,7 +109,7 @@ def contender(
     ``onnxruntime`` runs our ONNX export.
     """
     if spec == "ours":
-        model = _prepare(create_model(model_name), config, device)
+        model = prepare_model(create_model(model_name), config, device)
         return torch_step(model, config, device, config.channels_last)
     if spec in ("ours-fast", "ours-compiled"):
         if config.mode != "inference":
@@ -124,7 +124,8 @@ def contender(
         except ImportError:
             raise ValueError("the timm reference needs timm installed (pip install timm)") from None
         model = timm.create_model(spec.removeprefix("timm:"), pretrained=False)
-        return torch_step(_prepare(model, config, device), config, device, config.channels_last)
+        model = prepare_model(model, config, device)
+        return torch_step(model, config, device, config.channels_last)
     if spec == "onnxruntime":
         return _onnxruntime_step(model_name, config)
     raise ValueError(
@@ -161,7 +162,17 @@ def run(
     """Interleaved timing of every contender; results in the order given."""
     device = torch.device(config.device)
     steps = {spec: contender(spec, model_name, config, device) for spec in specs}
-    results = {spec: Result(spec) for spec in specs}
+    return time_steps(steps, config, progress)
+
+
+def time_steps(
+    steps: dict[str, Callable[[], None]],
+    config: BenchConfig,
+    progress: Callable[[str], None] | None = None,
+) -> list[Result]:
+    """Warm every step up, then time them in interleaved rounds; results in the order given."""
+    device = torch.device(config.device)
+    results = {spec: Result(spec) for spec in steps}
     for spec, step in steps.items():  # warm-up (and compilation) before any timing
         for _ in range(config.warmup):
             step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,12 +41,13 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def overrides_of(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(parse_override(item) for group in args.override or [] for item in group)
+def key_value_dict(groups: list[list[str]] | None) -> dict[str, Any]:
+    """The values of a repeatable ``KEY=VALUE ...`` option as one mapping."""
+    return dict(parse_override(item) for group in groups or [] for item in group)
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    model = create_model(args.model, **overrides_of(args))
+    model = create_model(args.model, **key_value_dict(args.override))
     size = args.image_size or model.config.image_size
     summary = summarize(model, size, depth=args.depth)
     print(format_summary(summary, f"{args.model} ({get_entry(args.model).description})"))
@@ -92,9 +94,9 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("channels_last", "compile", "multi_label"):
         if getattr(args, flag):
             values[flag] = True
-    values.update(dict(parse_override(item) for group in args.set or [] for item in group))
+    values.update(key_value_dict(args.set))
     if args.override:
-        values["model_overrides"] = overrides_of(args)
+        values["model_overrides"] = key_value_dict(args.override)
     return values
 
 
@@ -231,6 +233,43 @@ def cmd_bench(args: argparse.Namespace) -> None:
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(text))
 
 
+def list_experiments() -> None:
+    from xception.reproduction import EXPERIMENTS, SCALES
+
+    width = max(map(len, EXPERIMENTS))
+    print("experiments:")
+    for name, experiment in EXPERIMENTS.items():
+        print(f"  {name.ljust(width)}  {experiment.title}")
+    print("scales:")
+    for name, scale in SCALES.items():
+        print(f"  {name.ljust(width)}  {scale.description}")
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from xception.reproduction import Plan, run_experiment
+
+    if args.list or args.experiment is None:
+        list_experiments()
+        return
+    plan = Plan(
+        args.experiment,
+        args.scale,
+        args.seeds,
+        args.data,
+        args.device,
+        key_value_dict(args.set),
+    )
+    command = shlex.join(["xception", *args.argv])
+    out = run_experiment(plan, Path(args.out) if args.out else None, command, not args.quiet)
+    print(f"report:  {out / 'report.md'}")
+    print(f"results: {out / 'results.json'}")
+
+
+def key_values(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """A repeatable ``--flag KEY=VALUE ...`` option (see ``parse_override``)."""
+    parser.add_argument(flag, nargs="+", action="append", metavar="KEY=VALUE", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xception", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -239,13 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("model", metavar="MODEL", help=f"one of: {', '.join(list_models())}")
     summary.add_argument("--image-size", type=int, help="input side (default: the model's)")
     summary.add_argument("--depth", type=int, default=2, help="module nesting shown (default 2)")
-    summary.add_argument(
-        "--override",
-        nargs="+",
-        action="append",
-        metavar="KEY=VALUE",
-        help="config fields, e.g. residual=False spatial_groups=8",
-    )
+    key_values(summary, "--override", "config fields, e.g. residual=False spatial_groups=8")
     summary.set_defaults(run=cmd_summary)
 
     models = commands.add_parser("models", help="list the registered models")
@@ -282,20 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--workers", type=int, help="data loading processes")
     train.add_argument("--save-every", type=int, metavar="STEPS")
-    train.add_argument(
-        "--set",
-        nargs="+",
-        action="append",
-        metavar="KEY=VALUE",
-        help="any training option, e.g. weight_decay=4e-5 ema_decay=0",
-    )
-    train.add_argument(
-        "--override",
-        nargs="+",
-        action="append",
-        metavar="KEY=VALUE",
-        help="model config fields, e.g. residual=False",
-    )
+    key_values(train, "--set", "any training option, e.g. weight_decay=4e-5 ema_decay=0")
+    key_values(train, "--override", "model config fields, e.g. residual=False")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=cmd_train)
 
@@ -372,12 +393,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=7)
     bench.add_argument("--json", help="write the results here too")
     bench.set_defaults(run=cmd_bench)
+
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="the paper's tables and ablations (report.md, plots, results.json)",
+        description="Run one of the paper's experiments. Every arm is a training run in "
+        "OUT/runs; rerunning the same command resumes an interrupted experiment.",
+    )
+    reproduce.add_argument("experiment", nargs="?", metavar="EXPERIMENT", help="see --list")
+    reproduce.add_argument("--list", action="store_true", help="name the experiments and scales")
+    reproduce.add_argument("--scale", default="tiny", help="tiny (default), small or full")
+    reproduce.add_argument("--seeds", type=int, default=1, help="runs of each arm (default 1)")
+    reproduce.add_argument("--data", help="image folder (default: the built-in data set)")
+    reproduce.add_argument("--out", help="folder (default: reproductions/EXPERIMENT-SCALE)")
+    reproduce.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    key_values(reproduce, "--set", "training option for every arm, e.g. epochs=4 workers=0")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce.set_defaults(run=cmd_reproduce)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports that quote it
     run: Callable[[argparse.Namespace], int | None] = args.run
     try:
         return run(args) or 0

@@ -68,6 +68,11 @@ def check_choice(field: str, value: object, choices: tuple[object, ...]) -> None
         raise ValueError(f"{field}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def scaled_channels(channels: int, width: float) -> int:
+    """Channels times the width multiplier, kept a multiple of 8 (and at least 8)."""
+    return channels if width == 1.0 else max(8, int(channels * width + 4) // 8 * 8)
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` with a ``padding`` mode; TF SAME is computed per input when it must be.
 

@@ -9,7 +9,7 @@ from torchvision.models import inception_v3 as torchvision_inception_v3
 
 import xception
 import xception.models.inception_v3  # registers the models
-from xception.layers import Conv2d, ConvNormAct
+from xception.layers import Conv2d, ConvNormAct, scaled_channels
 from xception.models.inception_v3 import AUX_MIN_INPUT_SIZE, InceptionV3, torchvision_key_map
 
 
@@ -238,6 +238,10 @@ def test_without_aux_there_is_no_aux_tower(modern: InceptionV3) -> None:
         ("padding", "valid"),
         ("image_size", 74),
         ("bn_eps", 0.0),
+        ("width_multiplier", 0.0),
+        ("width_multiplier", -0.5),
+        ("fc_layers", 4096),
+        ("fc_layers", (4096, 0)),
     ],
 )
 def test_invalid_config_names_the_field(field: str, value: object) -> None:
@@ -254,3 +258,97 @@ def test_options(modern: InceptionV3) -> None:
     model.reset_classifier(5)
     with torch.no_grad():
         assert model(torch.randn(2, 1, 75, 75)).shape == (2, 5)
+
+
+# Width multiplier and hidden FC layers (the Table 2 reproduction at small scale).
+
+VARIANTS = ["inception_v3", "inception_v3_paper"]
+
+
+def valid(size: int, kernel: int = 3, stride: int = 1) -> int:
+    return (size - kernel) // stride + 1
+
+
+def tap_sizes(size: int) -> list[int]:
+    """Spatial sides at the five taps: valid 3x3/2 conv, valid 3x3, 'same' 3x3 (stride 2);
+    3x3/2 pool, 1x1, valid 3x3 (4); then three 3x3/2 valid reductions (8, 16, 32)."""
+    s2 = valid(valid(size, 3, 2))
+    s4 = valid(valid(s2, 3, 2))
+    s8 = valid(s4, 3, 2)
+    s16 = valid(s8, 3, 2)
+    return [s2, s4, s8, s16, valid(s16, 3, 2)]
+
+
+@pytest.mark.parametrize("width", [0.5, 0.25])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_narrow_models_run_and_expose_consistent_features(name: str, width: float) -> None:
+    model = build(name, width_multiplier=width, num_classes=10)
+    extractor = xception.create_model(name, features_only=True, width_multiplier=width).eval()
+    # Mixed_7c concatenates 320, 2 x 2 x 384 and 192 channel towers, each scaled on its own.
+    last = scaled_channels(320, width) + 4 * scaled_channels(384, width)
+    last += scaled_channels(192, width)
+    assert model.num_features == extractor.channels[-1] == last
+    assert model.head.classifier.in_features == last
+    assert extractor.channels[:2] == [scaled_channels(64, width), scaled_channels(192, width)]
+    for size in (80, 96):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            assert model(x).shape == (2, 10)
+            maps = extractor(x)
+        assert [tuple(m.shape[1:]) for m in maps] == [
+            (c, s, s) for c, s in zip(extractor.channels, tap_sizes(size), strict=True)
+        ]
+
+
+@pytest.mark.parametrize("width", [0.5, 0.25])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_conv_is_scaled_from_its_full_width_counterpart(name: str, width: float) -> None:
+    full = xception.create_model(name, aux_logits=True, num_classes=10)
+    narrow = xception.create_model(name, aux_logits=True, num_classes=10, width_multiplier=width)
+    convs = {n: m for n, m in full.named_modules() if isinstance(m, nn.Conv2d)}
+    narrow_convs = {n: m for n, m in narrow.named_modules() if isinstance(m, nn.Conv2d)}
+    assert list(narrow_convs) == list(convs)
+    assert len(convs) == 94 + 2  # 94 conv units in the trunk, 2 in the aux tower
+    for key, conv in convs.items():
+        assert narrow_convs[key].out_channels == scaled_channels(conv.out_channels, width), key
+        assert narrow_convs[key].kernel_size == conv.kernel_size, key
+    assert narrow.Conv2d_1a_3x3.conv.in_channels == 3
+    assert narrow.AuxLogits.head.classifier.in_features == scaled_channels(768, width)
+    # The aux tower taps Mixed_6e (four 192-channel towers) and runs in training.
+    assert narrow.AuxLogits.conv0.conv.in_channels == 4 * scaled_channels(192, width)
+    narrow.train()
+    logits, aux = narrow(torch.randn(2, 3, AUX_MIN_INPUT_SIZE, AUX_MIN_INPUT_SIZE))
+    assert logits.shape == aux.shape == (2, 10)
+
+
+def test_width_one_is_the_default_model(modern: InceptionV3) -> None:
+    explicit = build("inception_v3", width_multiplier=1.0)
+    assert [(k, v.shape) for k, v in explicit.state_dict().items()] == [
+        (k, v.shape) for k, v in modern.state_dict().items()
+    ]
+
+
+def test_fc_layers_add_the_jft_head(model: InceptionV3) -> None:
+    name = "inception_v3_paper" if model.config.paper_topology else "inception_v3"
+    with_fc = build(name, fc_layers=(4096, 4096))
+    base = sum(p.numel() for p in model.parameters())
+    added = 2048 * 4096 + 4096 + 4096 * 4096 + 4096 + (4096 * 1000 + 1000) - (2048 * 1000 + 1000)
+    assert sum(p.numel() for p in with_fc.parameters()) == base + added
+    hidden = [m for m in with_fc.head.fc if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in hidden] == [(2048, 4096), (4096, 4096)]
+    assert with_fc.head.classifier.in_features == 4096
+    with torch.no_grad():
+        features = with_fc.forward_features(torch.randn(2, 3, 75, 75))
+        assert with_fc.forward_head(features, pre_logits=True).shape == (2, 4096)
+        assert with_fc.forward_head(features).shape == (2, 1000)
+
+
+def test_fc_layers_on_a_narrow_model() -> None:
+    model = build("inception_v3_paper", width_multiplier=0.25, fc_layers=(64, 32), num_classes=7)
+    hidden = [m for m in model.head.fc if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in hidden] == [
+        (model.num_features, 64),
+        (64, 32),
+    ]
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 80, 80)).shape == (2, 7)

@@ -12,6 +12,10 @@ Both use torchvision's module names; Keras' ``mixed0`` ... ``mixed10`` are ``Mix
 ``Mixed_7c`` in order. Every 'same' layer of Inception V3 has stride 1 and an odd kernel,
 where TensorFlow's SAME and symmetric padding coincide, so ``padding`` only records the
 convention; all stride-2 layers are 'valid'.
+
+``width_multiplier`` scales every convolution's output channels with Xception's rule
+(``scaled_channels``); each unit's input is the actual width of what feeds it and each
+module's ``out_channels`` the actual sum of its towers, so any width stays consistent.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from xception.layers import ClassifierHead, ConvNormAct, Padding, check_choice
+from xception.layers import ClassifierHead, ConvNormAct, Padding, check_choice, scaled_channels
 from xception.models.base import FeatureInfo, ImageClassifier, check_config
 from xception.registry import register_model
 
@@ -49,11 +53,15 @@ class InceptionV3Config:
     """``paper_topology`` selects the Keras 1.x model. ``avg_pool_count_include_pad``:
     torchvision's 3x3/1 branch pools count the zero padding (True), Keras/TF SAME average
     pooling does not (False), so Keras weights need False. ``dropout`` stays 0: the paper's
-    0.5 belongs to the training recipe."""
+    0.5 belongs to the training recipe. ``width_multiplier`` scales every convolution's
+    channels (stem, modules, aux tower); ``fc_layers`` are hidden fully-connected layers
+    before the logistic regression (not in the aux tower's head)."""
 
     num_classes: int = 1000
     in_chans: int = 3
     image_size: int = 299
+    width_multiplier: float = 1.0
+    fc_layers: tuple[int, ...] = ()  # (4096, 4096) is the JFT "with FC layers" head
     dropout: float = 0.0
     global_pool: Literal["avg", "max"] = "avg"
     aux_logits: bool = False
@@ -73,10 +81,14 @@ def conv2d_bn(
     *,
     valid: bool = False,
 ) -> ConvNormAct:
-    """Keras' ``conv2d_bn``: Keras 1.x put a biased conv's ReLU before the BatchNorm."""
+    """Keras' ``conv2d_bn``: Keras 1.x put a biased conv's ReLU before the BatchNorm.
+
+    ``out_ch`` is the width-1.0 channel count, scaled here by ``config.width_multiplier``;
+    ``in_ch`` is the actual width of the input.
+    """
     return ConvNormAct(
         in_ch,
-        out_ch,
+        scaled_channels(out_ch, config.width_multiplier),
         kernel,
         stride,
         "valid" if valid else config.padding,
@@ -85,6 +97,11 @@ def conv2d_bn(
         bn_eps=config.bn_eps,
         bn_momentum=config.bn_momentum,
     )
+
+
+def channels(*units: ConvNormAct) -> int:
+    """The units' output channels together: the width of their concatenation."""
+    return sum(unit.conv.out_channels for unit in units)
 
 
 def branch_avg_pool(config: InceptionV3Config) -> nn.AvgPool2d:
@@ -112,13 +129,15 @@ class InceptionA(Mixed):
         conv = partial(conv2d_bn, config)
         self.branch1x1 = conv(in_ch, 64, 1)
         self.branch5x5_1 = conv(in_ch, 48, 1)
-        self.branch5x5_2 = conv(48, 64, 5)
+        self.branch5x5_2 = conv(channels(self.branch5x5_1), 64, 5)
         self.branch3x3dbl_1 = conv(in_ch, 64, 1)
-        self.branch3x3dbl_2 = conv(64, 96, 3)
-        self.branch3x3dbl_3 = conv(96, 96, 3)
+        self.branch3x3dbl_2 = conv(channels(self.branch3x3dbl_1), 96, 3)
+        self.branch3x3dbl_3 = conv(channels(self.branch3x3dbl_2), 96, 3)
         self.pool = branch_avg_pool(config)
         self.branch_pool = conv(in_ch, pool_features, 1)
-        self.out_channels = 64 + 64 + 96 + pool_features
+        self.out_channels = channels(
+            self.branch1x1, self.branch5x5_2, self.branch3x3dbl_3, self.branch_pool
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(
@@ -140,10 +159,10 @@ class InceptionB(Mixed):
         conv = partial(conv2d_bn, config)
         self.branch3x3 = conv(in_ch, 384, 3, 2, valid=True)
         self.branch3x3dbl_1 = conv(in_ch, 64, 1)
-        self.branch3x3dbl_2 = conv(64, 96, 3)
-        self.branch3x3dbl_3 = conv(96, 96, 3, 2, valid=True)
+        self.branch3x3dbl_2 = conv(channels(self.branch3x3dbl_1), 96, 3)
+        self.branch3x3dbl_3 = conv(channels(self.branch3x3dbl_2), 96, 3, 2, valid=True)
         self.pool = nn.MaxPool2d(3, 2)
-        self.out_channels = 384 + 96 + in_ch
+        self.out_channels = channels(self.branch3x3, self.branch3x3dbl_3) + in_ch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(
@@ -171,16 +190,18 @@ class InceptionC(Mixed):
         c7dbl_in = c7 if c7dbl_in is None else c7dbl_in
         self.branch1x1 = conv(in_ch, 192, 1)
         self.branch7x7_1 = conv(in_ch, c7, 1)
-        self.branch7x7_2 = conv(c7, c7, (1, 7))
-        self.branch7x7_3 = conv(c7, 192, (7, 1))
+        self.branch7x7_2 = conv(channels(self.branch7x7_1), c7, (1, 7))
+        self.branch7x7_3 = conv(channels(self.branch7x7_2), 192, (7, 1))
         self.branch7x7dbl_1 = conv(in_ch, c7dbl_in, 1)
-        self.branch7x7dbl_2 = conv(c7dbl_in, c7, (7, 1))
-        self.branch7x7dbl_3 = conv(c7, c7, (1, 7))
-        self.branch7x7dbl_4 = conv(c7, c7, (7, 1))
-        self.branch7x7dbl_5 = conv(c7, 192, (1, 7))
+        self.branch7x7dbl_2 = conv(channels(self.branch7x7dbl_1), c7, (7, 1))
+        self.branch7x7dbl_3 = conv(channels(self.branch7x7dbl_2), c7, (1, 7))
+        self.branch7x7dbl_4 = conv(channels(self.branch7x7dbl_3), c7, (7, 1))
+        self.branch7x7dbl_5 = conv(channels(self.branch7x7dbl_4), 192, (1, 7))
         self.pool = branch_avg_pool(config)
         self.branch_pool = conv(in_ch, 192, 1)
-        self.out_channels = 4 * 192
+        self.out_channels = channels(
+            self.branch1x1, self.branch7x7_3, self.branch7x7dbl_5, self.branch_pool
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(
@@ -208,13 +229,13 @@ class InceptionD(Mixed):
         super().__init__()
         conv = partial(conv2d_bn, config)
         self.branch3x3_1 = conv(in_ch, 192, 1)
-        self.branch3x3_2 = conv(192, 320, 3, 2, valid=True)
+        self.branch3x3_2 = conv(channels(self.branch3x3_1), 320, 3, 2, valid=True)
         self.branch7x7x3_1 = conv(in_ch, 192, 1)
-        self.branch7x7x3_2 = conv(192, 192, (1, 7))
-        self.branch7x7x3_3 = conv(192, 192, (7, 1))
-        self.branch7x7x3_4 = conv(192, 192, 3, 2, valid=True)
+        self.branch7x7x3_2 = conv(channels(self.branch7x7x3_1), 192, (1, 7))
+        self.branch7x7x3_3 = conv(channels(self.branch7x7x3_2), 192, (7, 1))
+        self.branch7x7x3_4 = conv(channels(self.branch7x7x3_3), 192, 3, 2, valid=True)
         self.pool = nn.AvgPool2d(3, 2) if avg_pool else nn.MaxPool2d(3, 2)
-        self.out_channels = 320 + 192 + in_ch
+        self.out_channels = channels(self.branch3x3_2, self.branch7x7x3_4) + in_ch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(
@@ -241,15 +262,22 @@ class InceptionE(Mixed):
         conv = partial(conv2d_bn, config)
         self.branch1x1 = conv(in_ch, 320, 1)
         self.branch3x3_1 = conv(in_ch, 384, 1)
-        self.branch3x3_2a = conv(384, 384, (1, 3))
-        self.branch3x3_2b = conv(384, 384, (3, 1))
+        self.branch3x3_2a = conv(channels(self.branch3x3_1), 384, (1, 3))
+        self.branch3x3_2b = conv(channels(self.branch3x3_1), 384, (3, 1))
         self.branch3x3dbl_1 = conv(in_ch, 448, 1)
-        self.branch3x3dbl_2 = conv(448, 384, 3)
-        self.branch3x3dbl_3a = conv(384, 384, (1, 3))
-        self.branch3x3dbl_3b = conv(384, 384, (3, 1))
+        self.branch3x3dbl_2 = conv(channels(self.branch3x3dbl_1), 384, 3)
+        self.branch3x3dbl_3a = conv(channels(self.branch3x3dbl_2), 384, (1, 3))
+        self.branch3x3dbl_3b = conv(channels(self.branch3x3dbl_2), 384, (3, 1))
         self.pool = branch_avg_pool(config)
         self.branch_pool = conv(in_ch, 192, 1)
-        self.out_channels = 320 + 2 * 384 + 2 * 384 + 192
+        self.out_channels = channels(
+            self.branch1x1,
+            self.branch3x3_2a,
+            self.branch3x3_2b,
+            self.branch3x3dbl_3a,
+            self.branch3x3dbl_3b,
+            self.branch_pool,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tower = self.branch3x3_1(x)
@@ -288,30 +316,39 @@ def mixed_table(paper: bool) -> list[tuple[str, Callable[[InceptionV3Config, int
 def backbone(config: InceptionV3Config) -> list[tuple[str, nn.Module, int]]:
     """(name, module, output channels) in forward order: the stem, then the mixed modules."""
     conv = partial(conv2d_bn, config)
-    stages: list[tuple[str, nn.Module, int]] = [
-        ("Conv2d_1a_3x3", conv(config.in_chans, 32, 3, 2, valid=True), 32),
-        ("Conv2d_2a_3x3", conv(32, 32, 3, valid=True), 32),
-        ("Conv2d_2b_3x3", conv(32, 64, 3), 64),
-        ("maxpool1", nn.MaxPool2d(3, 2), 64),
-        ("Conv2d_3b_1x1", conv(64, 80, 1, valid=True), 80),
-        ("Conv2d_4a_3x3", conv(80, 192, 3, valid=True), 192),
-        ("maxpool2", nn.MaxPool2d(3, 2), 192),
+    stem: list[tuple[str, Callable[[int], nn.Module]]] = [
+        ("Conv2d_1a_3x3", partial(conv, out_ch=32, kernel=3, stride=2, valid=True)),
+        ("Conv2d_2a_3x3", partial(conv, out_ch=32, kernel=3, valid=True)),
+        ("Conv2d_2b_3x3", partial(conv, out_ch=64, kernel=3)),
+        ("maxpool1", lambda _: nn.MaxPool2d(3, 2)),
+        ("Conv2d_3b_1x1", partial(conv, out_ch=80, kernel=1, valid=True)),
+        ("Conv2d_4a_3x3", partial(conv, out_ch=192, kernel=3, valid=True)),
+        ("maxpool2", lambda _: nn.MaxPool2d(3, 2)),
     ]
-    for name, block in mixed_table(config.paper_topology):
-        module = block(config, stages[-1][2])
-        stages.append((name, module, module.out_channels))
+    mixed = [(name, partial(block, config)) for name, block in mixed_table(config.paper_topology)]
+    stages: list[tuple[str, nn.Module, int]] = []
+    width = config.in_chans
+    for name, make in stem + mixed:
+        module = make(width)
+        if isinstance(module, ConvNormAct):
+            width = channels(module)
+        elif isinstance(module, Mixed):
+            width = module.out_channels
+        stages.append((name, module, width))  # pools keep their input's width
     return stages
 
 
 def aux_tower(config: InceptionV3Config, in_ch: int) -> nn.Sequential:
     """torchvision's auxiliary classifier on the 17x17 map (the paper trains without it)."""
     conv = partial(conv2d_bn, config)
+    conv0 = conv(in_ch, 128, 1)
+    conv1 = conv(channels(conv0), 768, 5, valid=True)
     return nn.Sequential(
         OrderedDict(
             pool=nn.AvgPool2d(5, 3),
-            conv0=conv(in_ch, 128, 1),
-            conv1=conv(128, 768, 5, valid=True),
-            head=ClassifierHead(768, config.num_classes),
+            conv0=conv0,
+            conv1=conv1,
+            head=ClassifierHead(channels(conv1), config.num_classes),
         )
     )
 
@@ -341,7 +378,11 @@ class InceptionV3(ImageClassifier):
             if name in FEATURE_TAPS
         ]
         self.head = ClassifierHead(
-            self.num_features, config.num_classes, config.global_pool, dropout=config.dropout
+            self.num_features,
+            config.num_classes,
+            config.global_pool,
+            config.fc_layers,
+            config.dropout,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ from xception.layers import (
     activation,
     batch_norm,
     check_choice,
+    scaled_channels,
 )
 from xception.models.base import FeatureInfo, ImageClassifier, check_config
 from xception.registry import register_model
@@ -54,11 +55,6 @@ class XceptionConfig:
 
 
 MIN_INPUT_SIZE = 71
-
-
-def scaled(channels: int, width: float) -> int:
-    """Channels times the width multiplier, kept a multiple of 8 (and at least 8)."""
-    return channels if width == 1.0 else max(8, int(channels * width + 4) // 8 * 8)
 
 
 class XceptionBlock(nn.Module):
@@ -171,7 +167,8 @@ class _Builder:
         return module
 
     def stem(self, conv1: int, conv2: int) -> nn.Module:
-        c, (conv1, conv2) = self.c, (scaled(ch, self.c.width_multiplier) for ch in (conv1, conv2))
+        c = self.c
+        conv1, conv2 = (scaled_channels(ch, c.width_multiplier) for ch in (conv1, conv2))
         norm = {"bn_eps": c.bn_eps, "bn_momentum": c.bn_momentum}
         stride, _ = self._advance(2)
         return self._done(
@@ -187,7 +184,7 @@ class _Builder:
     def block(
         self, channels: tuple[int, ...], stride: int = 1, relu_first: bool = True
     ) -> nn.Module:
-        channels = tuple(scaled(ch, self.c.width_multiplier) for ch in channels)
+        channels = tuple(scaled_channels(ch, self.c.width_multiplier) for ch in channels)
         stride, dilation = self._advance(stride)
         return self._done(
             XceptionBlock(self.channels, channels, stride, dilation, relu_first, self.c),
@@ -197,7 +194,7 @@ class _Builder:
     def separable_convs(self, channels: tuple[int, ...]) -> nn.Module:
         layers = OrderedDict()
         for i, out in enumerate(channels, 1):
-            out = scaled(out, self.c.width_multiplier)
+            out = scaled_channels(out, self.c.width_multiplier)
             layers[f"sepconv{i}"] = separable_unit(
                 self.channels, out, self.dilation, self.c, relu_after=True
             )

@@ -1,0 +1,229 @@
+"""The paper's experiments as data: scales, arms (one training run each) and the claims
+the paper makes about them, so that running, resuming and reporting share one plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PAPER = "Chollet, Xception, CVPR 2017"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big every arm of an experiment is: models, images, data and recipe.
+
+    ``xception`` / ``inception`` are registry names with config overrides; the training
+    fields go to ``TrainConfig`` on top of ``recipe`` (``multi_recipe`` for the multi-label
+    ``head`` experiment). ``fc_units`` is the width of the two hidden FC layers of the
+    ``head`` experiment (the paper's 4096 at full scale).
+    """
+
+    name: str
+    description: str
+    xception: tuple[str, dict[str, Any]]
+    inception: tuple[str, dict[str, Any]]
+    image_size: int
+    head_image_size: int  # >= 75, the smallest input Inception V3 takes
+    fc_units: int
+    recipe: str
+    multi_recipe: str
+    train: dict[str, Any]
+    bench_batch: int
+    bench_rounds: int
+
+
+SCALES: dict[str, Scale] = {
+    scale.name: scale
+    for scale in (
+        Scale(
+            name="tiny",
+            description="2-core CPU, minutes per arm: width-0.25 models at 72-80 px",
+            xception=("xception_tiny", {"bn_momentum": 0.1}),
+            inception=("inception_v3_paper", {"width_multiplier": 0.25, "bn_momentum": 0.1}),
+            image_size=72,
+            head_image_size=80,
+            fc_units=512,
+            recipe="quick",
+            multi_recipe="quick",
+            train=dict(epochs=12, builtin_train_per_class=500, builtin_val_per_class=100),
+            bench_batch=8,
+            bench_rounds=5,
+        ),
+        Scale(
+            name="small",
+            description="one GPU, about an hour per experiment: width-0.5 models at 128 px",
+            xception=("xception_small", {"bn_momentum": 0.1}),
+            inception=("inception_v3_paper", {"width_multiplier": 0.5, "bn_momentum": 0.1}),
+            image_size=128,
+            head_image_size=128,
+            fc_units=1024,
+            recipe="quick",
+            multi_recipe="quick",
+            train=dict(
+                epochs=30,
+                builtin_train_per_class=1000,
+                builtin_val_per_class=200,
+                batch_size=128,
+                workers=8,
+            ),
+            bench_batch=32,
+            bench_rounds=10,
+        ),
+        Scale(
+            name="full",
+            description="the paper's models at 299 px with its recipes (GPUs, or --data)",
+            xception=("xception", {}),
+            inception=("inception_v3_paper", {}),
+            image_size=299,
+            head_image_size=299,
+            fc_units=4096,
+            recipe="paper-imagenet",
+            multi_recipe="paper-jft",
+            train=dict(
+                epochs=40,
+                builtin_train_per_class=1300,
+                builtin_val_per_class=100,
+                workers=8,
+            ),
+            bench_batch=32,
+            bench_rounds=10,
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training configuration of an experiment (repeated once per seed)."""
+
+    name: str
+    label: str
+    model: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    multi_label: bool = False
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The paper says ``better`` beats ``worse`` on the experiment's score."""
+
+    better: str
+    worse: str
+    statement: str
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    paper: str  # what the paper reports
+    claims: tuple[Claim, ...] = ()
+    trains: bool = True  # table3 measures, it does not train
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in (
+        Experiment(
+            "table3",
+            "Table 3: size and speed of Xception vs Inception V3",
+            "Inception V3 23,626,728 parameters, 31 steps/s; Xception 22,855,952, 28 steps/s "
+            "(ratio 0.90; 60 K80 GPUs, TensorFlow)",
+            trains=False,
+        ),
+        Experiment(
+            "residual",
+            "Fig. 9: Xception with and without residual connections",
+            "without residual connections Xception converges more slowly and ends lower",
+            (Claim("residual", "no-residual", "residual connections help"),),
+        ),
+        Experiment(
+            "activation",
+            "Fig. 10: activation between the depthwise and pointwise convolutions",
+            "no activation converges fastest and ends best; ELU is worse, ReLU worst",
+            (
+                Claim("none", "elu", "no activation beats ELU"),
+                Claim("elu", "relu", "ELU beats ReLU"),
+                Claim("none", "relu", "no activation beats ReLU"),
+            ),
+        ),
+        Experiment(
+            "spectrum",
+            "Future directions: spatial groups from regular (1) to depthwise (C) convolution",
+            "left as future work: 'intermediate points on the spectrum ... may have "
+            "advantages'; the paper only compares the depthwise end with Inception V3",
+        ),
+        Experiment(
+            "head",
+            "Table 2: FC layers on the multi-label (JFT-like) task, MAP@100",
+            "JFT MAP@100: Inception V3 6.36 (no FC) / 6.50 (FC); Xception 6.70 / 6.78",
+            (
+                Claim("xception-fc", "xception", "FC layers help Xception"),
+                Claim("inception-fc", "inception", "FC layers help Inception V3"),
+                Claim("xception", "inception", "Xception beats Inception V3 (no FC)"),
+                Claim("xception-fc", "inception-fc", "Xception beats Inception V3 (FC)"),
+            ),
+        ),
+    )
+}
+
+SPECTRUM_GROUPS = (1, 2, 4, 8, None)  # None: depthwise (one group per channel)
+
+
+def arms(experiment: Experiment, scale: Scale) -> list[Arm]:
+    """The arms of ``experiment`` at ``scale`` (none for ``table3``)."""
+    model, base = scale.xception
+    if experiment.name == "residual":
+        return [
+            Arm("residual", "with residual connections", model, base),
+            Arm("no-residual", "without", model, {**base, "residual": False}),
+        ]
+    if experiment.name == "activation":
+        return [
+            Arm(act, label, model, {**base, "mid_activation": act})
+            for act, label in (("none", "no activation"), ("elu", "ELU"), ("relu", "ReLU"))
+        ]
+    if experiment.name == "spectrum":
+        return [
+            Arm(
+                f"groups-{groups or 'C'}",
+                "depthwise (g = C)" if groups is None else f"g = {groups}",
+                model,
+                {**base, "spatial_groups": groups},
+            )
+            for groups in SPECTRUM_GROUPS
+        ]
+    if experiment.name == "head":
+        fc = {"fc_layers": (scale.fc_units, scale.fc_units)}
+        inception, inception_base = scale.inception
+        return [
+            Arm("xception", "Xception", model, base, multi_label=True),
+            Arm("xception-fc", "Xception + FC", model, {**base, **fc}, multi_label=True),
+            Arm("inception", "Inception V3", inception, inception_base, multi_label=True),
+            Arm(
+                "inception-fc",
+                "Inception V3 + FC",
+                inception,
+                {**inception_base, **fc},
+                multi_label=True,
+            ),
+        ]
+    return []
+
+
+TABLE3_MODELS = ("xception", "inception_v3_paper", "inception_v3")
+PAPER_PARAMETERS = {"xception": 22_855_952, "inception_v3_paper": 23_626_728}
+PAPER_STEPS_PER_SECOND = {"xception": 28.0, "inception_v3_paper": 31.0}
+
+
+def get_experiment(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; experiments: {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]
+
+
+def get_scale(name: str) -> Scale:
+    if name not in SCALES:
+        raise ValueError(f"unknown scale {name!r}; scales: {', '.join(SCALES)}")
+    return SCALES[name]

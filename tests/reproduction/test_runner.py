@@ -1,0 +1,151 @@
+import json
+from dataclasses import replace
+
+import pytest
+
+from xception import create_model
+from xception.cli import main
+from xception.reproduction import experiments, runner
+from xception.reproduction.report import ArmStats, verdict
+
+SMALL = [
+    "--set",
+    "max_steps=2",
+    "builtin_train_per_class=4",
+    "builtin_val_per_class=2",
+    "batch_size=8",
+    "workers=0",
+    "log_every=1",
+]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("XCEPTION_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def reproduce(out, experiment, *extra):
+    return main(["reproduce", experiment, "--out", str(out), "--quiet", *SMALL, *extra])
+
+
+def test_an_experiment_writes_its_report_plots_and_results(tmp_path):
+    out = tmp_path / "residual"
+    assert reproduce(out, "residual", "--seeds", "2") == 0
+    for name in ("report.md", "results.json", "profiles.png", "speed.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["arm"], r["seed"]) for r in results["runs"]] == [
+        ("residual", 0),
+        ("no-residual", 0),
+        ("residual", 1),
+        ("no-residual", 1),
+    ]
+    model, base = experiments.SCALES["tiny"].xception
+    for arm in results["arms"]:  # the trained models' sizes, counted independently
+        overrides = {**base, "residual": arm["arm"] == "residual"}
+        expected = create_model(model, num_classes=10, **overrides)
+        assert arm["parameters"] == sum(p.numel() for p in expected.parameters())
+    (claim,) = results["claims"]
+    assert claim["claim"] == "residual connections help" and "verdict" in claim
+    report = (out / "report.md").read_text()
+    assert "xception reproduce residual" in report and "![training profiles]" in report
+
+
+def test_an_interrupted_experiment_resumes_arm_by_arm(tmp_path, monkeypatch):
+    out = tmp_path / "activation"
+    assert reproduce(out, "activation") == 0
+    first = json.loads((out / "results.json").read_text())
+    (out / "runs" / "relu-seed0" / "summary.json").unlink()  # stopped after its checkpoint
+    (out / "speed.json").unlink()
+    resumed = []
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished or checkpointed arm was trained again")
+
+    real_resume = runner.resume
+    monkeypatch.setattr(runner, "train", no_training)
+    monkeypatch.setattr(runner, "resume", lambda path, **kw: resumed.append(path.name) or
+                        real_resume(path, **kw))  # fmt: skip
+    assert reproduce(out, "activation") == 0
+    assert resumed == ["relu-seed0"]
+    again = json.loads((out / "results.json").read_text())
+    assert [r["summary"]["metrics"] for r in again["runs"]] == [
+        r["summary"]["metrics"] for r in first["runs"]
+    ]
+
+
+def test_a_folder_holding_another_reproduction_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert reproduce(out, "residual") == 0
+    before = (out / "results.json").read_bytes()
+    assert reproduce(out, "residual", "epochs=3") == 2
+    assert "holds a different reproduction (train_overrides differ)" in capsys.readouterr().err
+    assert reproduce(out, "activation") == 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert reproduce(tmp_path / "other", "residual") == 2
+    assert "holds no reproduction" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_table3_counts_the_papers_parameters_and_times_the_models(tmp_path, monkeypatch):
+    tiny = experiments.SCALES["tiny"]
+    monkeypatch.setitem(experiments.SCALES, "tiny", replace(tiny, bench_batch=1, bench_rounds=1))
+    assert main(["reproduce", "table3", "--out", str(tmp_path), "--quiet"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {row["model"]: row for row in results["table"]}
+    assert rows["xception"]["parameters"] == rows["xception"]["paper_parameters"] == 22_855_952
+    assert rows["inception_v3_paper"]["parameters"] == 23_626_728
+    assert rows["inception_v3"]["parameters"] == 23_834_568
+    assert 8.3e9 < rows["xception"]["macs"] < 8.5e9
+    assert all(row["train_steps_per_s"] > 0 and row["inference_images_per_s"] > 0
+               for row in rows.values())  # fmt: skip
+    ratio = results["speed_ratio"]
+    assert ratio["paper"] == pytest.approx(28 / 31)
+    expected = (
+        rows["xception"]["train_steps_per_s"] / rows["inception_v3_paper"]["train_steps_per_s"]
+    )
+    assert ratio["measured"] == pytest.approx(expected)
+    assert (tmp_path / "speed.png").is_file()
+
+
+def test_list_and_bad_options(capsys):
+    assert main(["reproduce", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("table3", "residual", "activation", "spectrum", "head"))
+    assert main(["reproduce", "fig11"]) == 2
+    assert "unknown experiment 'fig11'" in capsys.readouterr().err
+    assert main(["reproduce", "residual", "--seeds", "0"]) == 2
+    assert main(["reproduce", "residual", "--scale", "huge"]) == 2
+
+
+def stats(arm, scores):
+    import statistics
+
+    return ArmStats(
+        arm=arm,
+        label=arm,
+        seeds=len(scores),
+        final=statistics.fmean(scores),
+        final_std=statistics.stdev(scores) if len(scores) > 1 else None,
+        profile_mean=statistics.fmean(scores) - 0.1,
+        parameters=1,
+        macs=1,
+        train_images_per_s=None,
+    )
+
+
+def test_verdicts_weigh_the_effect_against_seed_spread():
+    # means 0.80 vs 0.70, sd 0.01 each over 3 seeds: s.e. = 100 * sqrt(2 * 1e-4 / 3) = 0.816 pp
+    clear = verdict(stats("a", [0.79, 0.80, 0.81]), stats("b", [0.69, 0.70, 0.71]))
+    assert clear["effect_pp"] == pytest.approx(10.0)
+    assert clear["standard_error_pp"] == pytest.approx(0.8165, abs=1e-4)
+    assert clear["verdict"] == "reproduced"
+    noisy = verdict(stats("a", [0.70, 0.80]), stats("b", [0.74, 0.74]))
+    assert noisy["verdict"] == "same direction as the paper, within seed noise"
+    reversed_ = verdict(stats("a", [0.69, 0.70, 0.71]), stats("b", [0.79, 0.80, 0.81]))
+    assert reversed_["verdict"] == "not reproduced: reversed beyond seed noise"
+    single = verdict(stats("a", [0.6]), stats("b", [0.7]))
+    assert single["verdict"] == "opposite to the paper (1 seed: no spread to weigh it against)"
+    assert single["standard_error_pp"] is None
