@@ -13,7 +13,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -106,11 +106,16 @@ def contender(
 
     ``ours`` and ``timm:NAME`` follow ``--channels-last`` / ``--compile``; ``ours-fast`` is
     the inference path (BN folded, channels_last) and ``ours-compiled`` the same compiled;
-    ``onnxruntime`` runs our ONNX export.
+    in training, ``ours-compiled`` is ours with channels_last and ``torch.compile`` whatever
+    the flags; ``onnxruntime`` runs our ONNX export.
     """
     if spec == "ours":
         model = prepare_model(create_model(model_name), config, device)
         return torch_step(model, config, device, config.channels_last)
+    if spec == "ours-compiled" and config.mode == "train":
+        fastest = replace(config, channels_last=True, compile=True)
+        model = prepare_model(create_model(model_name), fastest, device)
+        return torch_step(model, fastest, device, channels_last=True)
     if spec in ("ours-fast", "ours-compiled"):
         if config.mode != "inference":
             raise ValueError(f"{spec} (BN folded) is an inference path; use ours for train")

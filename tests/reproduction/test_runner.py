@@ -118,6 +118,10 @@ def test_list_and_bad_options(capsys):
     assert "unknown experiment 'fig11'" in capsys.readouterr().err
     assert main(["reproduce", "residual", "--seeds", "0"]) == 2
     assert main(["reproduce", "residual", "--scale", "huge"]) == 2
+    assert main(["reproduce", "residual", "--set", "model_overrides={}"]) == 2
+    assert "--set model_overrides=... would change what the experiment varies" in (
+        capsys.readouterr().err
+    )
 
 
 def stats(arm, scores):

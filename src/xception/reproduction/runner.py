@@ -43,6 +43,9 @@ from xception.weights import atomic_write, load_model
 
 Progress = Callable[[str], None]
 
+# Training options each arm sets itself: --set may not touch them.
+EXPERIMENT_OWNED = ("model", "model_overrides", "multi_label", "seed", "data", "image_size")
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -59,6 +62,12 @@ class Plan:
         get_experiment(self.experiment), get_scale(self.scale)
         if self.seeds < 1:
             raise ValueError(f"seeds={self.seeds} must be positive")
+        fixed = sorted(set(self.train_overrides) & set(EXPERIMENT_OWNED))
+        if fixed:
+            raise ValueError(
+                f"--set {fixed[0]}=... would change what the experiment varies or fixes per "
+                f"arm ({', '.join(EXPERIMENT_OWNED)}); use --data, --seeds or --scale"
+            )
 
     @property
     def identity(self) -> dict[str, Any]:

@@ -1,0 +1,143 @@
+"""Per-layer roofline of a model on this machine: how close the fastest path is to the floor.
+
+For every convolution and linear layer, the floor is max(multiply-adds / peak multiply-add
+rate, bytes / memory bandwidth), with bytes = its input and output activations and its
+weights, each moved once (the per-layer floor: no fusion across layers). Peak rate and
+bandwidth are measured here (a large float32 matmul; a large tensor copy), so the floor
+is what this machine can do, not a datasheet figure; `--peak-tmacs` and `--bandwidth-gbs`
+replace them to compute a floor for another device (e.g. an H100's datasheet).
+
+    python benchmarks/roofline.py --model xception --batch-size 8 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from xception import create_model
+from xception.fusion import inference_model
+
+
+def median_seconds(fn, repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_macs_per_second(size: int = 2048) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return size**3 / median_seconds(lambda: torch.mm(a, b))
+
+
+def bandwidth_bytes_per_second(megabytes: int = 512) -> float:
+    x = torch.empty(megabytes * 2**20 // 4)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / median_seconds(lambda: y.copy_(x))
+
+
+def layer_costs(model: nn.Module, batch: int, size: int) -> list[tuple[str, str, int, int]]:
+    """(name, kind, multiply-adds, bytes) of every conv / linear layer in one forward."""
+    rows: list[tuple[str, str, int, int]] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            weight = module.weight
+            if isinstance(module, nn.Conv2d):
+                per_output = weight.shape[1] * weight.shape[2] * weight.shape[3]
+                kind = (
+                    "depthwise"
+                    if module.groups == module.in_channels and module.groups > 1
+                    else "pointwise"
+                    if weight.shape[2:] == (1, 1)
+                    else "grouped"
+                    if module.groups > 1
+                    else "regular"
+                )
+            else:
+                per_output, kind = weight.shape[1], "linear"
+            macs = output.numel() * per_output
+            moved = 4 * (inputs[0].numel() + output.numel() + weight.numel())
+            rows.append((name, kind, macs, moved))
+
+        return record
+
+    handles = [
+        m.register_forward_hook(hook(n))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    with torch.no_grad():
+        model(torch.randn(batch, 3, size, size))
+    for handle in handles:
+        handle.remove()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="xception")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=299)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--peak-tmacs", type=float, help="use this peak (T multiply-adds/s)")
+    parser.add_argument("--bandwidth-gbs", type=float, help="use this bandwidth (GB/s)")
+    parser.add_argument("--no-measure", action="store_true", help="floor only, no timing")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = args.peak_tmacs * 1e12 if args.peak_tmacs else peak_macs_per_second()
+    bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else bandwidth_bytes_per_second()
+    model = create_model(args.model).eval()
+    rows = layer_costs(model, args.batch_size, args.image_size)
+    by_kind: dict[str, list[float]] = {}
+    for _, kind, macs, moved in rows:
+        floor = max(macs / peak, moved / bandwidth)
+        bound = "compute" if macs / peak >= moved / bandwidth else "memory"
+        entry = by_kind.setdefault(f"{kind} ({bound})", [0, 0, 0.0, 0])
+        entry[0] += macs
+        entry[1] += moved
+        entry[2] += floor
+        entry[3] += 1
+    total_macs = sum(r[2] for r in rows)
+    total_floor = sum(v[2] for v in by_kind.values())
+    print(
+        f"{args.model}, batch {args.batch_size}, {args.image_size}px, "
+        f"{torch.get_num_threads()} threads; peak {peak / 1e9:.0f} G multiply-adds/s, "
+        f"bandwidth {bandwidth / 1e9:.1f} GB/s"
+    )
+    print("| layers (bound) | count | multiply-adds | MB moved | floor ms |")
+    print("|---|---:|---:|---:|---:|")
+    for kind, (macs, moved, floor, count) in sorted(by_kind.items(), key=lambda kv: -kv[1][2]):
+        print(f"| {kind} | {count} | {macs / 1e9:.2f} G | {moved / 1e6:.0f} | {floor * 1e3:.1f} |")
+    print(
+        f"| total | {len(rows)} | {total_macs / 1e9:.2f} G | "
+        f"{sum(r[3] for r in rows) / 1e6:.0f} | {total_floor * 1e3:.1f} |"
+    )
+    print(f"floor: {args.batch_size / total_floor:.1f} images/s")
+    if args.no_measure:
+        return
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
+    x = x.contiguous(memory_format=torch.channels_last)
+    fast = inference_model(model, compile=True)
+    with torch.inference_mode():
+        for _ in range(2):
+            fast(x)
+        measured = median_seconds(lambda: fast(x))
+    print(
+        f"compiled fast path: {measured * 1e3:.1f} ms = {args.batch_size / measured:.1f} "
+        f"images/s, {total_floor / measured:.0%} of the floor, "
+        f"{total_macs / measured / 1e9:.0f} G multiply-adds/s"
+    )
+
+
+if __name__ == "__main__":
+    main()
