@@ -13,7 +13,7 @@ from typing import Any
 
 from xception.registry import create_model, get_entry, list_models
 from xception.summary import count_macs, format_summary, summarize
-from xception.training.loop import TrainingError
+from xception.training.loop import TrainingError, resolve_device
 from xception.weights import atomic_write
 
 # ImportError: an optional extra (onnx, h5py) is missing; its message says what to install.
@@ -207,8 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{args.json} exists; choose another --json path")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    resolve_device(args.device)  # fails clearly when CUDA is asked for and absent
     config = BenchConfig(
         mode=args.mode,
         batch_size=args.batch_size,

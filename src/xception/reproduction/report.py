@@ -4,6 +4,7 @@ spread rather than calling any difference a reproduction."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import asdict, dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from xception.reproduction.experiments import PAPER_STEPS_PER_SECOND, get_experiment
+from xception.training.logs import pyplot, save_figure
 from xception.weights import atomic_write
 
 
@@ -32,11 +34,18 @@ class ArmStats:
     train_images_per_s: float | None
 
 
+def runs_by_arm(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each arm's runs (one per seed), arms in the order they were run."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        grouped.setdefault(run["arm"], []).append(run)
+    return grouped
+
+
 def arm_stats(results: dict[str, Any]) -> list[ArmStats]:
-    runs, speed = results["runs"], results["speed"]
+    speed = results["speed"]
     stats = []
-    for arm in dict.fromkeys(run["arm"] for run in runs):
-        mine = [run for run in runs if run["arm"] == arm]
+    for arm, mine in runs_by_arm(results["runs"]).items():
         key = score_key(mine[0]["rows"])
         finals = [run["summary"]["metrics"][key] for run in mine]
         profiles = [statistics.fmean(row[key] for row in run["rows"]) for run in mine]
@@ -90,32 +99,18 @@ def verdict(better: ArmStats, worse: ArmStats) -> dict[str, Any]:
     }
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    _plt().close(fig)
-
-
 def plot_profiles(out: Path, results: dict[str, Any]) -> str:
     """Validation score against steps, one line per arm (mean over seeds, min-max band)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axis = plt.subplots(figsize=(7, 4.5))
     runs = results["runs"]
     key = score_key(runs[0]["rows"])
-    for arm in dict.fromkeys(run["arm"] for run in runs):
-        mine = [run["rows"] for run in runs if run["arm"] == arm]
+    for arm_runs in runs_by_arm(runs).values():
+        mine = [run["rows"] for run in arm_runs]
         length = min(len(rows) for rows in mine)
         steps = [row["step"] for row in mine[0][:length]]
         values = [[rows[i][key] for rows in mine] for i in range(length)]
-        label = next(run["label"] for run in runs if run["arm"] == arm)
+        label = arm_runs[0]["label"]
         (line,) = axis.plot(steps, [statistics.fmean(v) for v in values], marker="o", label=label)
         if len(mine) > 1:
             axis.fill_between(
@@ -128,13 +123,13 @@ def plot_profiles(out: Path, results: dict[str, Any]) -> str:
     axis.grid(alpha=0.3)
     axis.legend()
     fig.tight_layout()
-    _save(fig, out / "profiles.png")
+    save_figure(fig, out / "profiles.png", dpi=110)
     return "profiles.png"
 
 
 def plot_cost(out: Path, stats: list[ArmStats], results: dict[str, Any]) -> str:
     """The spectrum: final score against multiply-adds and against measured speed."""
-    plt = _plt()
+    plt = pyplot()
     fig, (by_macs, by_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, xs, xlabel in (
         (by_macs, [s.macs / 1e6 for s in stats], "multiply-adds per image (M)"),
@@ -149,7 +144,7 @@ def plot_cost(out: Path, stats: list[ArmStats], results: dict[str, Any]) -> str:
     by_macs.set_xscale("log")
     fig.suptitle(results["title"], fontsize=10)
     fig.tight_layout()
-    _save(fig, out / "cost.png")
+    save_figure(fig, out / "cost.png", dpi=110)
     return "cost.png"
 
 
@@ -172,7 +167,7 @@ def table3_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def plot_table3(out: Path, rows: list[dict[str, Any]], results: dict[str, Any]) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, (train, infer) = plt.subplots(1, 2, figsize=(10, 3.8))
     names = [row["model"] for row in rows]
     train.bar(names, [row["train_steps_per_s"] for row in rows])
@@ -184,7 +179,7 @@ def plot_table3(out: Path, rows: list[dict[str, Any]], results: dict[str, Any]) 
         axis.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{results['title']} ({results['environment']['device']})", fontsize=9)
     fig.tight_layout()
-    _save(fig, out / "speed.png")
+    save_figure(fig, out / "speed.png", dpi=110)
     return "speed.png"
 
 
@@ -303,8 +298,6 @@ def table3_sections(out: Path, results: dict[str, Any]) -> list[str]:
 
 
 def write_report(out: Path, results: dict[str, Any]) -> None:
-    import json
-
     sections = (
         training_sections(out, results) if "runs" in results else table3_sections(out, results)
     )

@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
-from xception.benchmarking import BenchConfig, Result, prepare_model, time_steps, torch_step
+from xception.benchmarking import (
+    BenchConfig,
+    Mode,
+    Result,
+    prepare_model,
+    time_steps,
+    torch_step,
+)
 from xception.registry import create_model
 from xception.reproduction.experiments import (
     PAPER_PARAMETERS,
@@ -35,6 +42,7 @@ from xception.reproduction.experiments import (
     get_experiment,
     get_scale,
 )
+from xception.reproduction.report import runs_by_arm, write_report
 from xception.summary import count_macs
 from xception.training.logs import read_metrics
 from xception.training.loop import resolve_device, resume, train
@@ -86,6 +94,15 @@ def write_json(path: Path, value: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def cached_json(path: Path, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``measure()`` once: its result is kept in ``path`` and read back on a rerun."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = measure()
+    write_json(path, value)
+    return value
+
+
 def claim_folder(out: Path, plan: Plan) -> None:
     """Start ``out`` or check that it holds this same experiment (then it resumes)."""
     marker = out / "plan.json"
@@ -106,6 +123,10 @@ def claim_folder(out: Path, plan: Plan) -> None:
     write_json(marker, plan.identity)
 
 
+def arm_recipe(scale: Scale, arm: Arm) -> str:
+    return scale.multi_recipe if arm.multi_label else scale.recipe
+
+
 def arm_config(plan: Plan, scale: Scale, arm: Arm, seed: int) -> TrainConfig:
     values: dict[str, Any] = {
         **scale.train,
@@ -118,7 +139,7 @@ def arm_config(plan: Plan, scale: Scale, arm: Arm, seed: int) -> TrainConfig:
         "device": plan.device,
         **plan.train_overrides,
     }
-    return resolve(scale.multi_recipe if arm.multi_label else scale.recipe, None, values)
+    return resolve(arm_recipe(scale, arm), None, values)
 
 
 def run_arm(folder: Path, config: TrainConfig, recipe: str, progress: bool) -> dict[str, Any]:
@@ -138,10 +159,12 @@ def model_cost(weights: Path, image_size: int) -> dict[str, int]:
     return {"parameters": params, "macs": count_macs(model, image_size)}
 
 
-def bench_config(scale: Scale, device: torch.device, mode: str, batch: int, size: int):
+def bench_config(
+    scale: Scale, device: torch.device, mode: Mode, batch: int, size: int
+) -> BenchConfig:
     cuda = device.type == "cuda"
     return BenchConfig(
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         batch_size=batch,
         image_size=size,
         device=str(device),
@@ -190,11 +213,8 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def run_table3(out: Path, scale: Scale, device: torch.device, say: Progress) -> dict[str, Any]:
+def run_table3(scale: Scale, device: torch.device, say: Progress) -> dict[str, Any]:
     """Parameters at 1000 classes, multiply-adds and interleaved speeds at 299x299."""
-    cached = out / "speed.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
     makers = {name: (lambda name=name: create_model(name)) for name in TABLE3_MODELS}
     rows: dict[str, dict[str, Any]] = {}
     for name, make in makers.items():
@@ -204,36 +224,26 @@ def run_table3(out: Path, scale: Scale, device: torch.device, say: Progress) -> 
             "paper_parameters": PAPER_PARAMETERS.get(name),
             "macs": count_macs(model, 299),
         }
-    timings = {}
-    for mode in ("train", "inference"):
+    modes: tuple[Mode, ...] = ("train", "inference")
+    for mode in modes:
         config = bench_config(scale, device, mode, scale.bench_batch, 299)
         say(f"timing {mode} steps of {', '.join(makers)} (batch {config.batch_size}, 299 px)")
-        timings[mode] = config, time_models(makers, config, say)
-    for mode, (_, results) in timings.items():
-        for result in results:
+        for result in time_models(makers, config, say):
             rows[result.name][f"{mode}_seconds"] = result.seconds
             rows[result.name][f"{mode}_median_s"] = result.median
-    train_config = timings["train"][0]
-    measured = {
+    return {  # batch, precision and layout are the same in both modes
         "models": rows,
-        "batch_size": train_config.batch_size,
-        "amp": train_config.amp,
-        "channels_last": train_config.channels_last,
+        "batch_size": config.batch_size,
+        "amp": config.amp,
+        "channels_last": config.channels_last,
     }
-    write_json(cached, measured)
-    return measured
 
 
 def arm_speeds(
-    out: Path, scale: Scale, done: list[dict[str, Any]], device: torch.device, say: Progress
+    scale: Scale, done: list[dict[str, Any]], device: torch.device, say: Progress
 ) -> dict[str, Any]:
     """Training steps of every arm's model, interleaved, at the arms' batch and size."""
-    cached = out / "speed.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    first = {}
-    for record in done:  # one model per arm (seeds share the architecture)
-        first.setdefault(record["arm"], record)
+    first = {arm: runs[0] for arm, runs in runs_by_arm(done).items()}  # seeds share a model
     makers = {
         arm: (lambda path=Path(r["folder"]) / "last.safetensors": load_model(path)[0])
         for arm, r in first.items()
@@ -242,14 +252,12 @@ def arm_speeds(
     config = bench_config(scale, device, "train", some["batch_size"], some["image_size"])
     say(f"timing training steps of {', '.join(makers)} (batch {config.batch_size})")
     results = time_models(makers, config, say)
-    measured = {
+    return {
         "batch_size": config.batch_size,
         "image_size": config.image_size,
         "amp": config.amp,
         "arms": {r.name: {"train_seconds": r.seconds, "train_median_s": r.median} for r in results},
     }
-    write_json(cached, measured)
-    return measured
 
 
 def run_experiment(
@@ -260,8 +268,6 @@ def run_experiment(
     say: Progress | None = None,
 ) -> Path:
     """Everything ``xception reproduce`` does; returns the folder holding the report."""
-    from xception.reproduction.report import write_report
-
     say = say or (lambda message: print(message, file=sys.stderr))
     experiment, scale = get_experiment(plan.experiment), get_scale(plan.scale)
     out = out or default_out(plan)
@@ -277,11 +283,12 @@ def run_experiment(
         "command": command,
         "environment": environment(device),
     }
+    speed = out / "speed.json"
     if experiment.trains:
-        results["runs"] = train_arms(out, plan, experiment, scale, progress, say)
-        results["speed"] = arm_speeds(out, scale, results["runs"], device, say)
+        runs = results["runs"] = train_arms(out, plan, experiment, scale, progress, say)
+        results["speed"] = cached_json(speed, lambda: arm_speeds(scale, runs, device, say))
     else:
-        results["table3"] = run_table3(out, scale, device, say)
+        results["table3"] = cached_json(speed, lambda: run_table3(scale, device, say))
     results["wall_time_s"] = time.perf_counter() - start  # this invocation
     write_report(out, results)
     return out
@@ -291,13 +298,15 @@ def train_arms(
     out: Path, plan: Plan, experiment: Experiment, scale: Scale, progress: bool, say: Progress
 ) -> list[dict[str, Any]]:
     records = []
+    costs: dict[str, dict[str, int]] = {}  # per arm: seeds share the architecture
     for seed in range(plan.seeds):
         for arm in arms(experiment, scale):
             folder = out / "runs" / f"{arm.name}-seed{seed}"
             config = arm_config(plan, scale, arm, seed)
             say(f"arm {arm.name}, seed {seed}: {folder}")
-            recipe = scale.multi_recipe if arm.multi_label else scale.recipe
-            trained = run_arm(folder, config, recipe, progress)
+            trained = run_arm(folder, config, arm_recipe(scale, arm), progress)
+            if arm.name not in costs:
+                costs[arm.name] = model_cost(folder / "last.safetensors", config.image_size)
             records.append(
                 {
                     "arm": arm.name,
@@ -308,7 +317,7 @@ def train_arms(
                     "overrides": arm.overrides,
                     "batch_size": config.batch_size,
                     "image_size": config.image_size,
-                    **model_cost(folder / "last.safetensors", config.image_size),
+                    **costs[arm.name],
                     **trained,
                 }
             )

@@ -52,13 +52,25 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write(run_dir / METRICS_FILE, write)
 
 
-def plot_profile(run_dir: Path, rows: list[dict[str, float]], title: str) -> None:
-    """Top-1 (raw and averaged weights) and losses against steps."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend (no display is ever needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> None:
+    """Write ``fig`` as a PNG atomically and free it."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    pyplot().close(fig)
+
+
+def plot_profile(run_dir: Path, rows: list[dict[str, float]], title: str) -> None:
+    """Top-1 (raw and averaged weights) and losses against steps."""
+    plt = pyplot()
     steps = [row["step"] for row in rows]
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (
@@ -78,8 +90,7 @@ def plot_profile(run_dir: Path, rows: list[dict[str, float]], title: str) -> Non
         axis.grid(alpha=0.3)
         axis.legend()
     fig.tight_layout()
-    atomic_write(run_dir / "profile.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, run_dir / "profile.png")
 
 
 class TensorBoard:
