@@ -9,6 +9,7 @@ from xception.evaluation import (
     ClassificationMeter,
     average_precision_at_k,
     class_frequency_weights,
+    class_prior_score,
     map_at_k,
     mean_average_precision,
     topk_correct,
@@ -196,3 +197,15 @@ def test_mean_average_precision_invariants():
     assert mean_average_precision(-targets.float(), targets) < value < 1.0
     perm = torch.randperm(scores.shape[0], generator=torch.Generator().manual_seed(4))
     assert mean_average_precision(scores[perm], targets[perm]) == pytest.approx(value)
+
+
+def test_class_prior_score_is_the_score_of_answering_with_training_frequencies():
+    # Training labels: class 0 in 3 of 4 images, class 1 in 2, class 2 in 1 -> w = [3, 2, 1]/4.
+    train = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]])
+    # Every image ranks 0, 1, 2.  Image a {1}: hit at rank 2, P=1/2 -> w1/2 / w1 = 1/2.
+    # Image b {0, 2}: hit 0 at 1 (P=1), 2 at 3 (P=2/3): (3 + 1*2/3)/(3 + 1) = 11/12.
+    val = torch.tensor([[0, 1, 0], [1, 0, 1]])
+    assert class_prior_score(train, val, multi_label=True) == pytest.approx((1 / 2 + 11 / 12) / 2)
+    # Single-label: always naming the commonest training class (0) is right for 1 of 3.
+    one_hot = torch.eye(3)
+    assert class_prior_score(one_hot[[0, 0, 1]], one_hot[[0, 1, 2]], False) == pytest.approx(1 / 3)

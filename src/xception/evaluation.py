@@ -113,6 +113,18 @@ def class_frequency_weights(targets: Tensor) -> Tensor:
     return targets.to(torch.float64).sum(dim=0) / targets.shape[0]
 
 
+def class_prior_score(train_targets: Tensor, val_targets: Tensor, multi_label: bool) -> float:
+    """The score of a model that ignores the image and answers with the training classes'
+    frequencies: what a run reaches by learning nothing. Multi-label: frequency-weighted
+    MAP@100 (the training metric); single-label: top-1 of always naming the commonest class.
+    """
+    frequency = class_frequency_weights(train_targets)
+    if multi_label:
+        scores = frequency.to(torch.float32).expand(val_targets.shape[0], -1)
+        return map_at_k(scores, val_targets, 100, frequency)
+    return (val_targets.argmax(dim=1) == frequency.argmax()).to(torch.float64).mean().item()
+
+
 def average_precision_at_k(
     scores: Tensor, targets: Tensor, k: int = 100, class_weights: Tensor | None = None
 ) -> Tensor:

@@ -61,7 +61,8 @@ def test_spectrum_costs_fall_from_regular_to_depthwise_convolution():
 def test_scales_name_real_recipes_and_valid_training_options():
     for scale in SCALES.values():
         assert scale.recipe in RECIPES and scale.multi_recipe in RECIPES
-        TrainConfig(**{**RECIPES[scale.recipe], **scale.train})  # validates every field
+        for experiment in EXPERIMENTS.values():  # validates every field
+            TrainConfig(**{**RECIPES[scale.recipe], **scale.train, **experiment.train})
         assert scale.head_image_size >= 75
 
 

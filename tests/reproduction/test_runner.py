@@ -124,7 +124,7 @@ def test_list_and_bad_options(capsys):
     )
 
 
-def stats(arm, scores):
+def stats(arm, scores, prior=0.1):
     import statistics
 
     return ArmStats(
@@ -137,6 +137,7 @@ def stats(arm, scores):
         parameters=1,
         macs=1,
         train_images_per_s=None,
+        prior=prior,
     )
 
 
@@ -153,3 +154,28 @@ def test_verdicts_weigh_the_effect_against_seed_spread():
     single = verdict(stats("a", [0.6]), stats("b", [0.7]))
     assert single["verdict"] == "opposite to the paper (1 seed: no spread to weigh it against)"
     assert single["standard_error_pp"] is None
+
+
+def test_a_comparison_with_an_arm_that_did_not_learn_supports_no_conclusion():
+    # MAP 0.66 with the class prior alone at 0.66: the 'worse' arm learned nothing, so
+    # even a large effect says nothing about the paper's claim.
+    learned = stats("xception", [0.89], prior=0.66)
+    flat = stats("inception", [0.6605], prior=0.66)
+    assert learned.learned and not flat.learned
+    call = verdict(learned, flat)
+    assert call["effect_pp"] == pytest.approx(22.95)
+    assert call["verdict"] == (
+        "no conclusion: inception did not learn (66.05% against 66.00% from the class prior alone)"
+    )
+    # 5% of the way from the prior (0.10) to perfect is 0.145: just above it has learned.
+    assert stats("a", [0.146]).learned and not stats("b", [0.144]).learned
+
+
+def test_spectrum_arms_train_with_the_fan_in_scaled_spatial_rate_and_others_without():
+    plan = runner.Plan(experiment="spectrum")
+    tiny, spectrum = experiments.get_scale("tiny"), experiments.get_experiment("spectrum")
+    for arm in experiments.arms(spectrum, tiny):
+        assert runner.arm_config(plan, tiny, spectrum, arm, 0).spatial_lr_fan_in
+    residual = experiments.get_experiment("residual")
+    (arm, _) = experiments.arms(residual, tiny)
+    assert not runner.arm_config(plan, tiny, residual, arm, 0).spatial_lr_fan_in

@@ -8,6 +8,7 @@ from timm.optim import RMSpropTF as TimmRMSpropTF
 from torch import nn
 
 from xception.layers import SeparableConv2d
+from xception.registry import create_model
 from xception.training.loop import build_schedule
 from xception.training.optim import (
     LRSchedule,
@@ -157,3 +158,35 @@ def test_scale_lr_and_validation():
         LRSchedule(0.1, 0.9, 2, "epochs")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         LRSchedule(0.1, 0.9, 0, "epoch")
+
+
+def test_spatial_lr_fan_in_scales_the_spatial_stage_by_groups_over_channels():
+    # Adam's first step moves every weight by lr (m / sqrt(v) = sign(g)): the spatial
+    # stage of a groups=2, 8-channel separable conv must move by lr * 2 / 8, the rest by lr.
+    torch.manual_seed(0)
+    conv = SeparableConv2d(8, 16, groups=2)
+    groups = param_groups(conv, 0.0, spatial_lr_fan_in=True)
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.25]
+    optimizer = torch.optim.AdamW(groups, lr=1.0, weight_decay=0.0, eps=1e-12)
+    set_lr(optimizer, 0.1)
+    before = {name: p.detach().clone() for name, p in conv.named_parameters()}
+    conv(torch.randn(2, 8, 5, 5)).square().sum().backward()
+    optimizer.step()
+    for name, p in conv.named_parameters():
+        expected = 0.025 if name.startswith("spatial") else 0.1
+        torch.testing.assert_close((p - before[name]).abs(), torch.full_like(p, expected))
+
+
+def test_spatial_lr_fan_in_leaves_a_depthwise_network_unchanged():
+    model = create_model("xception_tiny", num_classes=3)
+    scaled = param_groups(model, 1e-5, spatial_lr_fan_in=True)
+    assert [(g["weight_decay"], g["lr_scale"]) for g in scaled] == [(1e-5, 1.0), (0.0, 1.0)]
+    regular = create_model("xception_tiny", num_classes=3, spatial_groups=1)
+    spatial = {
+        id(m.spatial.weight): 1 / m.spatial.in_channels
+        for m in regular.modules()
+        if isinstance(m, SeparableConv2d)
+    }
+    for group in param_groups(regular, 1e-5, spatial_lr_fan_in=True):
+        for p in group["params"]:
+            assert group["lr_scale"] == spatial.get(id(p), 1.0)

@@ -21,6 +21,11 @@ def score_key(rows: list[dict[str, float]]) -> str:
     return "val_map100" if any("val_map100" in row for row in rows) else "val_top1"
 
 
+#: An arm "learned" when it closed at least this share of the gap between the score of
+#: the class prior alone and a perfect score; comparisons with an arm that did not say so.
+LEARNED_SHARE = 0.05
+
+
 @dataclass(frozen=True)
 class ArmStats:
     arm: str
@@ -32,6 +37,11 @@ class ArmStats:
     parameters: int
     macs: int
     train_images_per_s: float | None
+    prior: float  # the score of answering with the training class frequencies
+
+    @property
+    def learned(self) -> bool:
+        return self.final - self.prior >= LEARNED_SHARE * (1 - self.prior)
 
 
 def runs_by_arm(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -61,6 +71,7 @@ def arm_stats(results: dict[str, Any]) -> list[ArmStats]:
                 parameters=mine[0]["parameters"],
                 macs=mine[0]["macs"],
                 train_images_per_s=speed["batch_size"] / timed["train_median_s"] if timed else None,
+                prior=statistics.fmean(run["prior"] for run in mine),
             )
         )
     return stats
@@ -70,7 +81,8 @@ def verdict(better: ArmStats, worse: ArmStats) -> dict[str, Any]:
     """Effect (percentage points) of ``better`` over ``worse`` and what it supports.
 
     Beyond noise means the difference of the means exceeds twice its standard error
-    (from the seeds' spread); with one seed there is no spread and the verdict says so.
+    (from the seeds' spread); with one seed there is no spread and the verdict says so. An
+    arm that did not learn (``ArmStats.learned``) supports no conclusion either way.
     """
     effect = 100 * (better.final - worse.final)
     convergence = 100 * (better.profile_mean - worse.profile_mean)
@@ -81,8 +93,16 @@ def verdict(better: ArmStats, worse: ArmStats) -> dict[str, Any]:
         if effect < 0
         else "no difference"
     )
-    if better.final_std is None or worse.final_std is None:
-        call, error = f"{direction} (1 seed: no spread to weigh it against)", None
+    error = None
+    untrained = [arm for arm in (better, worse) if not arm.learned]
+    if untrained:
+        call = "no conclusion: " + "; ".join(
+            f"{arm.label} did not learn ({_pct(arm.final)}% against {_pct(arm.prior)}% "
+            "from the class prior alone)"
+            for arm in untrained
+        )
+    elif better.final_std is None or worse.final_std is None:
+        call = f"{direction} (1 seed: no spread to weigh it against)"
     else:
         error = 100 * math.sqrt(
             better.final_std**2 / better.seeds + worse.final_std**2 / worse.seeds
@@ -117,6 +137,8 @@ def plot_profiles(out: Path, results: dict[str, Any]) -> str:
                 steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
                 color=line.get_color(),
             )  # fmt: skip
+    prior = statistics.fmean(run["prior"] for run in runs)
+    axis.axhline(prior, color="grey", linestyle="--", linewidth=1, label="class prior alone")
     name = "MAP@100" if key == "val_map100" else "top-1"
     axis.set(xlabel="training step", ylabel=f"validation {name} (averaged weights)")
     axis.set_title(results["title"], fontsize=10)
@@ -136,7 +158,7 @@ def plot_cost(out: Path, stats: list[ArmStats], results: dict[str, Any]) -> str:
         (by_speed, [s.train_images_per_s or math.nan for s in stats], "training images/s"),
     ):
         ys = [100 * s.final for s in stats]
-        axis.plot(xs, ys, marker="o")
+        axis.plot(*zip(*sorted(zip(xs, ys, strict=True)), strict=True), marker="o")  # by cost
         for x, y, s in zip(xs, ys, stats, strict=True):
             axis.annotate(s.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axis.set(xlabel=xlabel, ylabel="final validation score (%)")
@@ -204,6 +226,7 @@ def training_sections(out: Path, results: dict[str, Any]) -> list[str]:
             f"final {name} (%)",
             "spread (sd, pp)",
             f"mean {name} over training (%)",
+            "class prior alone (%)",
             "parameters",
             "multiply-adds",
             f"train images/s (batch {speed['batch_size']})",
@@ -215,6 +238,7 @@ def training_sections(out: Path, results: dict[str, Any]) -> list[str]:
                 _pct(s.final),
                 "-" if s.final_std is None else f"{100 * s.final_std:.2f}",
                 _pct(s.profile_mean),
+                _pct(s.prior) + ("" if s.learned else " (did not learn)"),
                 f"{s.parameters:,}",
                 f"{s.macs / 1e6:.1f} M",
                 "-" if s.train_images_per_s is None else f"{s.train_images_per_s:.0f}",

@@ -31,6 +31,9 @@ from xception.benchmarking import (
     time_steps,
     torch_step,
 )
+from xception.data.folder import discover
+from xception.data.synthetic import materialize
+from xception.evaluation import class_prior_score
 from xception.registry import create_model
 from xception.reproduction.experiments import (
     PAPER_PARAMETERS,
@@ -45,7 +48,7 @@ from xception.reproduction.experiments import (
 from xception.reproduction.report import runs_by_arm, write_report
 from xception.summary import count_macs
 from xception.training.logs import read_metrics
-from xception.training.loop import resolve_device, resume, train
+from xception.training.loop import builtin_spec, resolve_device, resume, train
 from xception.training.recipes import TrainConfig, resolve
 from xception.weights import atomic_write, load_model
 
@@ -127,9 +130,12 @@ def arm_recipe(scale: Scale, arm: Arm) -> str:
     return scale.multi_recipe if arm.multi_label else scale.recipe
 
 
-def arm_config(plan: Plan, scale: Scale, arm: Arm, seed: int) -> TrainConfig:
+def arm_config(
+    plan: Plan, scale: Scale, experiment: Experiment, arm: Arm, seed: int
+) -> TrainConfig:
     values: dict[str, Any] = {
         **scale.train,
+        **experiment.train,
         "model": arm.model,
         "model_overrides": arm.overrides,
         "image_size": scale.head_image_size if arm.multi_label else scale.image_size,
@@ -151,6 +157,16 @@ def run_arm(folder: Path, config: TrainConfig, recipe: str, progress: bool) -> d
             train(config, recipe, out=folder, overwrite=True, progress=progress)
     summary = json.loads((folder / "summary.json").read_text())
     return {"summary": summary, "rows": read_metrics(folder)}
+
+
+def class_prior(config: TrainConfig) -> float:
+    """What the arm's score would be if it learned nothing (see ``class_prior_score``)."""
+    spec = builtin_spec(config)
+    splits = discover(materialize(spec, progress=False) if spec else Path(config.data or ""))
+    train_split, val = splits["train"], splits["val"]
+    return class_prior_score(
+        train_split.label_matrix(), val.label_matrix(), train_split.multi_label
+    )
 
 
 def model_cost(weights: Path, image_size: int) -> dict[str, int]:
@@ -302,7 +318,7 @@ def train_arms(
     for seed in range(plan.seeds):
         for arm in arms(experiment, scale):
             folder = out / "runs" / f"{arm.name}-seed{seed}"
-            config = arm_config(plan, scale, arm, seed)
+            config = arm_config(plan, scale, experiment, arm, seed)
             say(f"arm {arm.name}, seed {seed}: {folder}")
             trained = run_arm(folder, config, arm_recipe(scale, arm), progress)
             if arm.name not in costs:
@@ -318,6 +334,7 @@ def train_arms(
                     "batch_size": config.batch_size,
                     "image_size": config.image_size,
                     **costs[arm.name],
+                    "prior": class_prior(config),
                     **trained,
                 }
             )

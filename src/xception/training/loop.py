@@ -151,7 +151,7 @@ def build_model(config: TrainConfig, classes: int) -> nn.Module:
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, config.weight_decay)
+    groups = param_groups(model, config.weight_decay, config.spatial_lr_fan_in)
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
@@ -464,7 +464,8 @@ class Trainer:
         }
 
     def _lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
 
     def _placeholder(self, batch: Batch) -> Batch:
         """One blank image standing in for a batch of unreadable files."""

@@ -29,8 +29,10 @@ __all__ = [
 _DECAYED_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters into a decayed group and a non-decayed group.
+def param_groups(
+    model: nn.Module, weight_decay: float, spatial_lr_fan_in: bool = False
+) -> list[dict]:
+    """Split trainable parameters into groups by weight decay and learning-rate scale.
 
     Only convolution (depthwise and pointwise included, as in the paper's TF-slim
     regularisers) and linear *weights* get weight decay; biases and BatchNorm scales and
@@ -39,9 +41,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     (``g + wd * w``), i.e. TF-slim's ``l2_regularizer(wd)`` (loss ``wd * sum(w**2) / 2``),
     the convention assumed for the paper's 1e-5 (Keras's ``l2(wd)`` would be ``2 * wd``
     here). Shared parameters are listed once; empty groups are dropped.
+
+    ``spatial_lr_fan_in`` gives the spatial stage of every ``SeparableConv2d`` the
+    ``lr_scale`` ``groups / in_channels``: its fan-in relative to a depthwise kernel's.
+    An Adam-like step moves a layer's output by about ``lr * fan_in``, so a regular
+    (``groups=1``) spatial convolution at a depthwise network's rate changes its output
+    ``C`` times faster and does not train; with the scale every point of the spectrum
+    moves at the depthwise rate (the depthwise end is unchanged). ``set_lr`` applies it.
     """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    from xception.layers import SeparableConv2d
+
+    scales: dict[int, float] = {}
+    if spatial_lr_fan_in:
+        for module in model.modules():
+            if isinstance(module, SeparableConv2d):
+                conv = module.spatial
+                scales[id(conv.weight)] = conv.groups / conv.in_channels
+    grouped: dict[tuple[bool, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -49,12 +65,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                 continue
             seen.add(id(param))
             is_weight = name == "weight" and isinstance(module, _DECAYED_MODULES)
-            (decay if is_weight else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+            grouped.setdefault((is_weight, scales.get(id(param), 1.0)), []).append(param)
+    order = sorted(grouped, key=lambda key: (-key[1], not key[0]))  # unscaled, decayed first
+    return [
+        {
+            "params": grouped[key],
+            "weight_decay": weight_decay if key[0] else 0.0,
+            "lr_scale": key[1],
+        }
+        for key in order
     ]
-    return [group for group in groups if group["params"]]
 
 
 class RMSpropTF(torch.optim.Optimizer):
@@ -207,6 +227,6 @@ class LRSchedule:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Write a schedule's value into every parameter group before ``optimizer.step()``."""
+    """Write a schedule's value (times each group's ``lr_scale``) before ``optimizer.step()``."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -43,6 +43,7 @@ class TrainConfig:
     rmsprop_decay: float = 0.9
     rmsprop_eps: float = 1.0
     weight_decay: float = 1e-5
+    spatial_lr_fan_in: bool = False  # separable convs' spatial lr x groups/in (optim.py)
     lr_decay: float = 0.94
     lr_decay_every: float = 2.0
     lr_decay_unit: Literal["epoch", "samples", "step"] = "epoch"
