@@ -14,4 +14,5 @@ for batch in 1 8; do
 done
 # Training throughput (forward + backward + SGD step) at 128x128, batch 16.
 xception bench xception --mode train --batch-size 16 --image-size 128 --rounds "${ROUNDS:-5}" \
-    --contender timm:legacy_xception --contender ours --json "$out/cpu_train_b16_128.json"
+    --contender timm:legacy_xception --contender ours --contender ours-fast --contender ours-compiled \
+    --json "$out/cpu_train_b16_128.json"

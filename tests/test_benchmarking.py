@@ -29,7 +29,8 @@ def test_training_mode_times_full_steps():
 
 
 @pytest.mark.parametrize(
-    ("specs", "message"), [(["nope"], "unknown contender"), (["ours-fast"], "inference path")]
+    ("specs", "message"),
+    [(["nope"], "unknown contender"), (["onnxruntime"], "inference contender")],
 )
 def test_bad_contenders_fail_clearly(specs, message):
     with pytest.raises(ValueError, match=message):

@@ -73,3 +73,12 @@ def test_console_entry_point_and_module_run():
     )
     assert result.returncode == 0, result.stderr
     assert f"trainable parameters: {tiny:,}" in result.stdout
+
+
+def test_train_layout_flag_overrides_only_when_given():
+    from xception.cli import build_parser, train_overrides
+
+    parse = build_parser().parse_args
+    assert "channels_last" not in train_overrides(parse(["train"]))
+    assert train_overrides(parse(["train", "--no-channels-last"]))["channels_last"] is False
+    assert train_overrides(parse(["train", "--channels-last"]))["channels_last"] is True

@@ -58,7 +58,7 @@ class TrainConfig:
     # machinery
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC: oneDNN's fast convolutions (benchmarks/RESULTS.md)
     compile: bool = False
     sync_bn: bool = True  # under DDP only
     seed: int = 0
