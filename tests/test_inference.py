@@ -132,3 +132,34 @@ def test_notop_files_give_no_predictions(tmp_path):
     )
     with pytest.raises(ValueError, match="notop"):
         predict_paths(path, [path])
+
+
+def test_predict_and_eval_use_the_folded_channels_last_model_and_match_eager(trained):
+    import torch
+
+    from xception.data.loaders import single_images
+    from xception.data.transforms import normalize
+    from xception.inference import _load, _preprocessing
+    from xception.weights import load_model
+
+    root, weights = trained
+    fast = _load(weights, raw=False, device="cpu")[0]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+
+    paths = sorted(p for p in (root / "val").rglob("*") if p.is_file())[:6]
+    rows, failures = predict_paths(weights, paths, top_k=3)
+    eager, metadata = load_model(weights)
+    pre = _preprocessing(metadata, weights)
+    images = torch.stack([image for _, image in single_images(paths, pre)])
+    with torch.no_grad():
+        probs = torch.softmax(eager.eval()(normalize(images, pre, torch.float32)), dim=1)
+    assert failures == 0 and len(rows) == len(paths)
+    for row, expected in zip(rows, probs, strict=True):  # order-free: near-ties may swap
+        for prediction in row["predictions"]:
+            index = metadata["classes"].index(prediction["class"])
+            assert prediction["probability"] == pytest.approx(expected[index].item(), abs=1e-5)
+        assert row["predictions"][0]["probability"] == pytest.approx(
+            expected.max().item(), abs=1e-5
+        )

@@ -17,6 +17,7 @@ from xception.data.loaders import EvalBatchSampler, ImageDataset, make_loader, s
 from xception.data.synthetic import SyntheticSpec, materialize
 from xception.data.transforms import Preprocessing, normalize
 from xception.evaluation import class_frequency_weights, evaluate
+from xception.fusion import inference_model
 from xception.training.distributed import World
 from xception.training.loop import resolve_device
 from xception.weights import atomic_write, load_model
@@ -40,7 +41,8 @@ def _load(weights: Path, raw: bool, device: str):
             "gives features, not predictions)"
         )
     target = resolve_device(device)
-    return model.to(target).eval(), metadata, _preprocessing(metadata, weights), target
+    fast = inference_model(model.to(target), channels_last=True)  # BN folded, NHWC: same function
+    return fast, metadata, _preprocessing(metadata, weights), target
 
 
 def _data_root(data: str | None, metadata: dict[str, Any], weights: Path) -> Path:
@@ -90,7 +92,9 @@ def evaluate_weights(
         workers,
         target.type == "cuda",
     )
-    metrics, skipped = evaluate(model, loader, target, pre, World(), multi_label, weights_per_class)
+    metrics, skipped = evaluate(
+        model, loader, target, pre, World(), multi_label, weights_per_class, channels_last=True
+    )
     result: dict[str, Any] = {
         "weights": str(weights),
         "variant": "raw" if raw else "averaged",
@@ -126,7 +130,12 @@ def _predictor(weights: Path, raw: bool, device: str) -> tuple[Any, dict[str, An
         pre = _preprocessing(metadata, weights)
         return (lambda images: predict_onnx_batch(session, images, pre)), metadata, pre
     model, metadata, pre, target = _load(weights, raw, device)
-    return (lambda images: model(normalize(images.to(target), pre, torch.float32))), metadata, pre
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        x = normalize(images.to(target), pre, torch.float32)
+        return model(x.contiguous(memory_format=torch.channels_last))
+
+    return predict, metadata, pre
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from xception.training.distributed import (
     CpuSyncBatchNorm,
     World,
     all_gather_cat,
+    close_world,
     convert_sync_batchnorm,
 )
 
@@ -29,23 +30,30 @@ def model_and_batch():
     return model, x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
 
 
+def compute(rank: int, world: int, out: dict) -> None:
+    model, x, y = model_and_batch()
+    model = convert_sync_batchnorm(model, "cpu")
+    assert isinstance(model.entry_flow.block1.conv1.bn, CpuSyncBatchNorm)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    part = slice(rank * 4, rank * 4 + 4)
+    F.cross_entropy(ddp(x[part]), y[part]).backward()
+    gathered = all_gather_cat(torch.full((rank + 1,), float(rank)), World(rank, world))
+    if rank == 0:
+        out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        out["running_var"] = model.entry_flow.block1.conv1.bn.running_var.clone()
+        out["gathered"] = gathered
+
+
 def worker(rank: int, world: int, port: int, out: dict) -> None:
+    """DDP lives in ``compute`` so that it is gone before ``close_world`` frees gloo (as in
+    the training loop): a group outliving the interpreter's shutdown aborts the process."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model, x, y = model_and_batch()
-        model = convert_sync_batchnorm(model, "cpu")
-        assert isinstance(model.entry_flow.block1.conv1.bn, CpuSyncBatchNorm)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        part = slice(rank * 4, rank * 4 + 4)
-        F.cross_entropy(ddp(x[part]), y[part]).backward()
-        gathered = all_gather_cat(torch.full((rank + 1,), float(rank)), World(rank, world))
-        if rank == 0:
-            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
-            out["running_var"] = model.entry_flow.block1.conv1.bn.running_var.clone()
-            out["gathered"] = gathered
+        compute(rank, world, out)
+        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        close_world(World(rank, world))
 
 
 def test_ddp_gradients_equal_the_single_process_gradients_in_float64():
