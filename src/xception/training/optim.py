@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import ParamsT
 
+from xception.layers import SeparableConv2d
+
 __all__ = [
     "LRSchedule",
     "RMSpropTF",
@@ -49,8 +51,6 @@ def param_groups(
     ``C`` times faster and does not train; with the scale every point of the spectrum
     moves at the depthwise rate (the depthwise end is unchanged). ``set_lr`` applies it.
     """
-    from xception.layers import SeparableConv2d
-
     scales: dict[int, float] = {}
     if spatial_lr_fan_in:
         for module in model.modules():
