@@ -54,3 +54,15 @@ def test_bench_command_prints_the_table_and_writes_json(tmp_path, capsys):
     assert main(argv) == 0
     assert "images/s" in capsys.readouterr().out
     assert json.loads(out.read_text())["model"] == "xception_tiny"
+
+
+def test_cpu_peak_memory_grows_with_the_batch():
+    # A training step's activations scale with the batch: 16x the images must raise the
+    # peak by clearly more (each figure from its own fresh process).
+    def peak(batch):
+        config = BenchConfig(mode="train", batch_size=batch, image_size=71, rounds=1, memory=True)
+        (result,) = run(["ours"], "xception_tiny", config)
+        return result.peak_memory_mb
+
+    small, large = peak(2), peak(32)
+    assert small >= 0 and large > small + 20

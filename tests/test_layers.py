@@ -1,5 +1,7 @@
 """Layers against independent references: Keras (TensorFlow semantics) and closed forms."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from xception.layers import (
     ConvNormAct,
     MaxPool2d,
     SeparableConv2d,
+    _pad_same,
 )
 
 keras = pytest.importorskip("keras")
@@ -122,3 +125,21 @@ def test_classifier_head_dropout_acts_only_in_training():
     assert 0 < (pre == 0).float().mean() < 1
     head.eval()
     torch.testing.assert_close(head(x), head.classifier(torch.ones(64, 16)))
+
+
+def test_tf_max_pool_without_a_padded_copy_equals_pooling_the_padded_input():
+    # Eager TF-SAME max pooling uses the op's own -inf padding and ceil mode instead of
+    # padding a copy; it must equal pooling the explicitly -inf-padded input, values and
+    # gradients, at every parity of height and width.
+    pool = MaxPool2d(3, 2, "tf")
+    for h, w in itertools.product(range(3, 14), range(3, 14)):
+        x = torch.randn(2, 3, h, w, requires_grad=True)
+        padded = _pad_same(x, (3, 3), (2, 2), (1, 1), value=float("-inf"))
+        expected = F.max_pool2d(padded, 3, 2)
+        out = pool(x)
+        assert out.shape == expected.shape == (2, 3, -(-h // 2), -(-w // 2))
+        assert torch.equal(out, expected)
+        grad = torch.randn_like(out)
+        (ours,) = torch.autograd.grad(out, x, grad)
+        (reference,) = torch.autograd.grad(expected, x, grad)
+        assert torch.equal(ours, reference)

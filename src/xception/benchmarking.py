@@ -9,6 +9,7 @@ when asked for, and ``onnxruntime`` runs our own ONNX export of the model.
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -39,6 +40,7 @@ class BenchConfig:
     warmup: int = 2
     rounds: int = 7
     iterations: int = 3  # per contender per round
+    memory: bool = False  # on a CPU: peak memory of each contender, in a fresh process
 
 
 @dataclass
@@ -166,7 +168,42 @@ def run(
     """Interleaved timing of every contender; results in the order given."""
     device = torch.device(config.device)
     steps = {spec: contender(spec, model_name, config, device) for spec in specs}
-    return time_steps(steps, config, progress)
+    results = time_steps(steps, config, progress)
+    if config.memory and device.type == "cpu":
+        for result in results:
+            result.peak_memory_mb = cpu_peak_memory_mb(result.name, model_name, config)
+    return results
+
+
+def cpu_peak_memory_mb(spec: str, model_name: str, config: BenchConfig) -> float | None:
+    """Peak resident memory of ``spec``'s training or inference steps above its built model,
+    in a fresh process (None where Linux's ``/proc`` is missing).
+
+    CPU tensors have no allocator statistics like CUDA's, so this resets the kernel's
+    high-water mark of the process (``/proc/self/clear_refs``) once the model is built,
+    runs ``warmup`` steps (at least two, so gradients and optimiser state exist) and reads
+    the mark. A fresh process per contender keeps pages another one freed out of the count.
+    """
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_peak_growth_mb, (spec, model_name, config))
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def _peak_growth_mb(spec: str, model_name: str, config: BenchConfig) -> float:
+    step = contender(spec, model_name, config, torch.device("cpu"))
+    Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current size
+    before = _status_mb("VmRSS")
+    for _ in range(max(config.warmup, 2)):
+        step()
+    return _status_mb("VmHWM") - before
 
 
 def time_steps(

@@ -218,6 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         channels_last=args.channels_last,
         compile=args.compile,
         rounds=args.rounds,
+        memory=args.memory,
     )
     specs = args.contender or ["ours", "ours-fast"]
     specs = [*specs, *(args.reference or [])]
@@ -396,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true")
     bench.add_argument("--threads", type=int, help="torch CPU threads")
     bench.add_argument("--rounds", type=int, default=7)
+    bench.add_argument(
+        "--memory",
+        action="store_true",
+        help="on a CPU, also measure each contender's peak memory (a fresh process each; "
+        "on CUDA it is always measured)",
+    )
     bench.add_argument("--json", help="write the results here too")
     bench.set_defaults(run=cmd_bench)
 

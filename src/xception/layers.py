@@ -43,23 +43,33 @@ def _pad_same(
     dilation: tuple[int, int],
     value: float = 0.0,
 ) -> torch.Tensor:
-    """TF SAME padding as branch-free arithmetic on the sizes, so that it stays correct in
-    graphs exported with a dynamic height and width (ONNX, torch.export).
+    """TF SAME padding; branch-free arithmetic on the sizes when they are symbolic, so that
+    it stays correct in graphs exported with a dynamic height and width (ONNX, torch.export).
 
-    Each dimension is padded to ``(out - 1) * stride + max(kernel, stride)`` with
-    ``out = ceil(size / stride)``: TF's exact padding when ``kernel >= stride``; for smaller
-    kernels (1x1 stride-2 shortcuts) TF's padding plus trailing rows the kernel never reads.
-    Every branch's output is then the same ``ceil(size / stride)`` expression, which lets an
-    exporter prove that residual adds and concatenations match at every size.
+    With concrete sizes (eager, static compilation) this is TF's exact padding, and no copy
+    at all where it is zero (every 1x1 stride-2 shortcut): padded copies are memory a
+    training step keeps for its backward pass. With symbolic sizes each dimension is
+    padded to ``(out - 1) * stride + max(kernel, stride)`` with ``out = ceil(size /
+    stride)``: TF's exact padding when ``kernel >= stride``; for smaller kernels TF's
+    padding plus trailing rows the kernel never reads. Every branch's output is then the
+    same ``ceil(size / stride)`` expression, which lets an exporter prove that residual
+    adds and concatenations match at every size. Both compute the same function.
     """
+    concrete = all(isinstance(size, int) for size in x.shape[-2:])
     pads: list = []
     for dim, k, s, d in zip((-1, -2), kernel[::-1], stride[::-1], dilation[::-1], strict=True):
         size = x.shape[dim]
         effective = (k - 1) * d + 1
         out = (size + s - 1) // s
         tf_total = (out - 1) * s + effective - size
+        if concrete:
+            total = max(tf_total, 0)
+            pads += [total // 2, total - total // 2]
+            continue
         before = tf_total // 2 if effective >= s else torch.sym_max(tf_total, 0) // 2
         pads += [before, (out - 1) * s + max(effective, s) - size - before]
+    if concrete and not any(pads):
+        return x
     return F.pad(x, pads, value=value)
 
 
@@ -121,10 +131,16 @@ class MaxPool2d(nn.MaxPool2d):
         super().__init__(kernel_size, stride, pad or 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_padding:
-            k, s = self.kernel_size, self.stride
-            x = _pad_same(x, (k, k), (s, s), (1, 1), value=float("-inf"))
-        return super().forward(x)
+        if not self.dynamic_padding:
+            return super().forward(x)
+        k, s = self.kernel_size, self.stride
+        if all(isinstance(size, int) for size in x.shape[-2:]) and k >= s:
+            # TF pads `before` and `before` or `before + 1` after; max pooling's own padding
+            # is -inf, and ceil mode adds the trailing window, so no padded copy is made
+            # (max pooling keeps its input for the backward pass).
+            before = [max((-(-size // s) - 1) * s + k - size, 0) // 2 for size in x.shape[-2:]]
+            return F.max_pool2d(x, k, s, tuple(before), ceil_mode=True)
+        return super().forward(_pad_same(x, (k, k), (s, s), (1, 1), value=float("-inf")))
 
 
 def batch_norm(channels: int, eps: float, momentum: float) -> nn.BatchNorm2d:
