@@ -36,24 +36,19 @@ def _static_padding(padding: str, kernel: int, stride: int, dilation: int) -> in
     return effective // 2 if stride == 1 and effective % 2 == 0 else None
 
 
-def _pad_same(
-    x: torch.Tensor,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    value: float = 0.0,
-) -> torch.Tensor:
-    """TF SAME padding; branch-free arithmetic on the sizes when they are symbolic, so that
-    it stays correct in graphs exported with a dynamic height and width (ONNX, torch.export).
+def _same_pads(
+    x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[list, bool]:
+    """TF SAME padding of ``x`` in ``F.pad`` order (W before/after, H before/after), and
+    whether the sizes are concrete; branch-free arithmetic when they are symbolic, so that it
+    stays correct in graphs exported with a dynamic height and width (ONNX, torch.export).
 
-    With concrete sizes (eager, static compilation) this is TF's exact padding, and no copy
-    at all where it is zero (every 1x1 stride-2 shortcut): padded copies are memory a
-    training step keeps for its backward pass. With symbolic sizes each dimension is
-    padded to ``(out - 1) * stride + max(kernel, stride)`` with ``out = ceil(size /
-    stride)``: TF's exact padding when ``kernel >= stride``; for smaller kernels TF's
-    padding plus trailing rows the kernel never reads. Every branch's output is then the
-    same ``ceil(size / stride)`` expression, which lets an exporter prove that residual
-    adds and concatenations match at every size. Both compute the same function.
+    With concrete sizes (eager, static compilation) this is TF's exact padding. With
+    symbolic sizes each dimension is padded to ``(out - 1) * stride + max(kernel, stride)``
+    with ``out = ceil(size / stride)``: TF's exact padding when ``kernel >= stride``; for
+    smaller kernels TF's padding plus trailing rows the kernel never reads. Every branch's
+    output is then the same ``ceil(size / stride)`` expression, which lets an exporter prove
+    that residual adds and concatenations match at every size. Both give the same function.
     """
     concrete = all(isinstance(size, int) for size in x.shape[-2:])
     pads: list = []
@@ -68,6 +63,19 @@ def _pad_same(
             continue
         before = tf_total // 2 if effective >= s else torch.sym_max(tf_total, 0) // 2
         pads += [before, (out - 1) * s + max(effective, s) - size - before]
+    return pads, concrete
+
+
+def _pad_same(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    value: float = 0.0,
+) -> torch.Tensor:
+    """``x`` padded TF SAME (``_same_pads``); not copied where the padding is zero (every
+    1x1 stride-2 shortcut): padded copies are memory a training step keeps for backward."""
+    pads, concrete = _same_pads(x, kernel, stride, dilation)
     if concrete and not any(pads):
         return x
     return F.pad(x, pads, value=value)
@@ -134,13 +142,13 @@ class MaxPool2d(nn.MaxPool2d):
         if not self.dynamic_padding:
             return super().forward(x)
         k, s = self.kernel_size, self.stride
-        if all(isinstance(size, int) for size in x.shape[-2:]) and k >= s:
+        pads, concrete = _same_pads(x, (k, k), (s, s), (1, 1))
+        if concrete and k >= s:
             # TF pads `before` and `before` or `before + 1` after; max pooling's own padding
             # is -inf, and ceil mode adds the trailing window, so no padded copy is made
             # (max pooling keeps its input for the backward pass).
-            before = [max((-(-size // s) - 1) * s + k - size, 0) // 2 for size in x.shape[-2:]]
-            return F.max_pool2d(x, k, s, tuple(before), ceil_mode=True)
-        return super().forward(_pad_same(x, (k, k), (s, s), (1, 1), value=float("-inf")))
+            return F.max_pool2d(x, k, s, (pads[2], pads[0]), ceil_mode=True)
+        return super().forward(F.pad(x, pads, value=float("-inf")))
 
 
 def batch_norm(channels: int, eps: float, momentum: float) -> nn.BatchNorm2d:
