@@ -315,6 +315,7 @@ def train_arms(
 ) -> list[dict[str, Any]]:
     records = []
     costs: dict[str, dict[str, int]] = {}  # per arm: seeds share the architecture
+    priors: dict[Any, float] = {}  # per data set: arms of a seed share it
     for seed in range(plan.seeds):
         for arm in arms(experiment, scale):
             folder = out / "runs" / f"{arm.name}-seed{seed}"
@@ -323,6 +324,9 @@ def train_arms(
             trained = run_arm(folder, config, arm_recipe(scale, arm), progress)
             if arm.name not in costs:
                 costs[arm.name] = model_cost(folder / "last.safetensors", config.image_size)
+            data = builtin_spec(config) or config.data
+            if data not in priors:
+                priors[data] = class_prior(config)
             records.append(
                 {
                     "arm": arm.name,
@@ -334,7 +338,7 @@ def train_arms(
                     "batch_size": config.batch_size,
                     "image_size": config.image_size,
                     **costs[arm.name],
-                    "prior": class_prior(config),
+                    "prior": priors[data],
                     **trained,
                 }
             )
