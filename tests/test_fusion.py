@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import xception
-from xception.fusion import fold_batchnorm, inference_model
+from xception.fusion import MicroBatched, fold_batchnorm, inference_model
 
 
 def with_random_statistics(name: str) -> nn.Module:
@@ -36,10 +36,55 @@ def test_folding_keeps_the_function(name, size):
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0  # original intact
 
 
-def test_compiled_channels_last_fast_path_matches_eager():
+def test_compiled_fast_path_matches_eager_and_is_frozen():
     model = with_random_statistics("xception_tiny")
     fast = inference_model(model, channels_last=True, compile=True)
-    x = torch.randn(2, 3, 80, 80).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 80, 80).contiguous(memory_format=torch.channels_last)
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+        expected = model(x)
+        torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)
+        # Frozen: the convolution weights were baked (prepacked) into the compiled graph, so
+        # changing them afterwards changes nothing; an unfrozen graph reads them every call.
+        for conv in (m for m in fast.modules() if isinstance(m, nn.Conv2d)):
+            conv.weight.zero_()
+        torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "micro_batched", "whole_batch"),
+    [
+        ("xception_tiny", 96, ["entry_flow"], ["middle_flow", "exit_flow"]),
+        ("inception_v3", 99, ["Conv2d_1a_3x3", "Mixed_5d", "Mixed_6a"], ["Mixed_6b", "Mixed_7c"]),
+        ("mobilenet_v1", 64, ["conv1", "blocks.5"], ["blocks.6", "blocks.12"]),
+    ],
+)
+def test_micro_batching_keeps_the_function_and_splits_at_stride_16(
+    name, size, micro_batched, whole_batch
+):
+    model = fold_batchnorm(with_random_statistics(name))
+    seen: dict[str, list[int]] = {}
+    for stage in model.stage_names:
+        model.get_submodule(stage).register_forward_pre_hook(
+            lambda _, args, stage=stage: seen.setdefault(stage, []).append(len(args[0]))
+        )
+    x = torch.randn(5, 3, size, size)
+    with torch.no_grad():
+        expected = model(x)
+        seen.clear()
+        torch.testing.assert_close(MicroBatched(model, 2)(x), expected, rtol=1e-4, atol=1e-5)
+    for stage in micro_batched:
+        assert seen[stage] == [2, 2, 1], stage
+    for stage in whole_batch:
+        assert seen[stage] == [5], stage
+
+
+def test_micro_batching_only_on_cpu_models_and_checks_input():
+    model = with_random_statistics("xception_tiny")
+    assert isinstance(inference_model(model), MicroBatched)
+    assert not isinstance(inference_model(model.to("meta")), MicroBatched)
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 3, H, W\)"):
+        inference_model(model)(torch.randn(2, 1, 96, 96))
+    with pytest.raises(ValueError, match="micro_batch=0"):
+        MicroBatched(model, 0)

@@ -24,6 +24,7 @@ from torch import nn
 from xception.fusion import inference_model
 from xception.precision import autocast
 from xception.registry import create_model
+from xception.runtime import keep_freed_memory
 
 Mode = Literal["inference", "train"]
 
@@ -198,6 +199,7 @@ def _status_mb(key: str) -> float:
 
 
 def _peak_growth_mb(spec: str, model_name: str, config: BenchConfig) -> float:
+    keep_freed_memory()  # as in the timing process (the CLI sets it at start)
     step = contender(spec, model_name, config, torch.device("cpu"))
     Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current size
     before = _status_mb("VmRSS")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from xception.registry import create_model, get_entry, list_models
+from xception.runtime import keep_freed_memory
 from xception.summary import count_macs, format_summary, summarize
 from xception.training.loop import TrainingError, resolve_device
 from xception.weights import atomic_write
@@ -429,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports that quote it
+    keep_freed_memory()
     run: Callable[[argparse.Namespace], int | None] = args.run
     try:
         return run(args) or 0

@@ -1,10 +1,14 @@
-"""The fast inference path: BatchNorm folded into the convolution before it.
+"""The fast inference path: BatchNorm folded, channels_last, cache-sized micro-batches.
 
 In eval mode ``BN(conv(x)) = conv'(x)`` with ``w' = w * g / sqrt(v + eps)`` per output
 channel and ``b' = (b - m) * g / sqrt(v + eps) + beta``, so a folded model computes the same
 function with one pass over each feature map fewer. Only Conv -> BN pairs that sit next to
 each other in a Sequential are folded (every unit in this package's models); Keras 1.x's
 conv -> ReLU -> BN order is left alone, since the ReLU sits between them.
+
+A folded model in eval mode treats every image on its own, so on a CPU its early stages run
+one image at a time (``MicroBatched``): the large early feature maps then stay in the caches
+between layers instead of streaming through memory.
 """
 
 from __future__ import annotations
@@ -16,6 +20,13 @@ import torch
 from torch import nn
 
 from xception.layers import SeparableConv2d
+from xception.models.base import ImageClassifier
+
+# Stages whose input is finer than 1/16 of the image run a micro-batch at a time: for
+# Xception at 299 px that is the entry flow, whose block-2 maps take 11 MB per image (88 MB
+# for a batch of 8, against 32 MB of L3 on the project's CPU). Coarser stages run on the
+# whole batch, where their large 1x1 weights are reused across images.
+MICRO_BATCH_UNTIL_STRIDE = 16
 
 
 @torch.no_grad()
@@ -52,17 +63,61 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+class MicroBatched(nn.Module):
+    """``model`` with its fine-resolution stages run ``micro_batch`` images at a time.
+
+    Only valid where images do not interact: eval mode, BatchNorm folded or frozen.
+    """
+
+    def __init__(self, model: ImageClassifier, micro_batch: int = 1) -> None:
+        super().__init__()
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch={micro_batch} must be positive")
+        self.model, self.micro_batch = model, micro_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.model.check_input(x)
+        coarse = -(-x.shape[-2] // MICRO_BATCH_UNTIL_STRIDE)  # map height at stride 16
+        parts = list(x.split(self.micro_batch))
+        for name in self.model.stage_names:
+            if len(parts) > 1 and parts[0].shape[-2] <= coarse:
+                parts = [torch.cat(parts)]
+            parts = [self.model.get_submodule(name)(part) for part in parts]
+        return self.model.forward_head(parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
+class FrozenCompiled(nn.Module):
+    """``torch.compile`` with inductor's freezing: weights become constants, prepacked for
+    oneDNN, with ReLU and residual adds fused into the convolutions on CPUs.
+
+    Freezing is read from inductor's global configuration when a graph compiles (passing it
+    in ``torch.compile``'s options leaves the weights as graph inputs), so every call runs
+    under a patched configuration rather than changing it for the whole process.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.compiled = torch.compile(module, dynamic=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch._inductor import config
+
+        with config.patch(freezing=True), torch.no_grad():
+            return self.compiled(x)
+
+
 def inference_model(
     model: nn.Module, channels_last: bool = True, compile: bool = False
 ) -> nn.Module:
-    """The fastest safe form of ``model`` for inference: folded, channels_last, compiled.
+    """The fastest safe form of ``model`` for inference: folded, channels_last, micro-batched
+    on CPUs, compiled if asked.
 
-    Compilation uses inductor's freezing (weights become constants, prepacked for oneDNN
-    on CPUs): the returned module must not be trained or have its weights changed.
+    A compiled model is frozen: it must not be trained or have its weights changed.
     """
     fast = fold_batchnorm(model).requires_grad_(False)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
-    if not compile:
-        return fast
-    return torch.compile(fast, dynamic=False, options={"freezing": True})
+    on_cpu = all(p.device.type == "cpu" for p in fast.parameters())
+    if on_cpu and isinstance(fast, ImageClassifier):
+        fast = MicroBatched(fast)
+    return FrozenCompiled(fast) if compile else fast
