@@ -156,9 +156,13 @@ def batch_norm(channels: int, eps: float, momentum: float) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
 
 
-def activation(name: str) -> nn.Module:
+def activation(name: str, inplace: bool = False) -> nn.Module:
+    """``inplace`` overwrites the input: only for a map no other layer reads (saves a map of
+    training memory per activation)."""
     check_choice("activation", name, ACTIVATIONS)
-    return {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "elu": nn.ELU}[name]()
+    if name == "none":
+        return nn.Identity()
+    return {"relu": nn.ReLU, "relu6": nn.ReLU6, "elu": nn.ELU}[name](inplace=inplace)
 
 
 class SeparableConv2d(nn.Module):
@@ -245,7 +249,8 @@ class ConvNormAct(nn.Sequential):
         )
         layers = [("conv", conv), ("bn", batch_norm(out_channels, bn_eps, bn_momentum))]
         if act != "none":
-            layers.insert(1 if norm_after_act else 2, ("act", activation(act)))
+            # In place: its input is the fresh output of the conv or BN before it.
+            layers.insert(1 if norm_after_act else 2, ("act", activation(act, inplace=True)))
         super().__init__(OrderedDict(layers))
 
 

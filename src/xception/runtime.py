@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
@@ -20,9 +21,13 @@ def keep_freed_memory() -> bool:
     A network allocates and frees feature maps of several MiB in every step. By default
     glibc maps many of them afresh and returns them, so the kernel zero-fills every page on
     first touch: a ReLU over an 11 MiB map took 2.9 ms instead of 0.15 ms, and the default
-    training step at 128 px, batch 16, ran 6-7% slower (``benchmarks/RESULTS.md``). Returns
-    whether the settings took: False where the C library is not glibc.
+    training step at 128 px, batch 16, ran 6-7% slower (``benchmarks/RESULTS.md``). The
+    price is that a process keeps its peak heap. ``XCEPTION_KEEP_FREED_MEMORY=0`` leaves
+    malloc's defaults alone. Returns whether the settings took: False when turned off or
+    where the C library is not glibc.
     """
+    if os.environ.get("XCEPTION_KEEP_FREED_MEMORY", "1") == "0":
+        return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):

@@ -92,9 +92,11 @@ class XceptionBlock(nn.Module):
             )
         layers: list[nn.Module] = []
         for i, out in enumerate(channels, 1):
-            layers.append(
-                separable_unit(in_channels, out, dilation, c, relu_before=relu_first or i > 1)
+            # The first ReLU reads the block's input, which the shortcut reads too.
+            unit = separable_unit(
+                in_channels, out, dilation, c, relu_before=relu_first or i > 1, shared_input=i == 1
             )
+            layers.append(unit)
             in_channels = out
         self.convs = nn.Sequential(
             OrderedDict((f"sepconv{i}", layer) for i, layer in enumerate(layers, 1))
@@ -114,8 +116,12 @@ def separable_unit(
     *,
     relu_before: bool = False,
     relu_after: bool = False,
+    shared_input: bool = False,
 ) -> nn.Sequential:
-    """[ReLU], SeparableConv 3x3, BN, [ReLU]: every separable layer of Fig. 5."""
+    """[ReLU], SeparableConv 3x3, BN, [ReLU]: every separable layer of Fig. 5.
+
+    ReLUs work in place (less training memory) except on an input another layer also reads.
+    """
     if c.spatial_groups is not None and in_channels % c.spatial_groups:
         raise ValueError(
             f"spatial_groups={c.spatial_groups} does not divide the {in_channels} "
@@ -134,10 +140,10 @@ def separable_unit(
         bn_eps=c.bn_eps,
         bn_momentum=c.bn_momentum,
     )
-    layers = [("act", activation("relu"))] if relu_before else []
+    layers = [("act", activation("relu", inplace=not shared_input))] if relu_before else []
     layers += [("conv", conv), ("bn", batch_norm(out_channels, c.bn_eps, c.bn_momentum))]
     if relu_after:
-        layers.append(("act", activation("relu")))
+        layers.append(("act", activation("relu", inplace=True)))
     return nn.Sequential(OrderedDict(layers))
 
 
