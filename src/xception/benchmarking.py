@@ -26,6 +26,8 @@ from xception.precision import autocast
 from xception.registry import create_model
 from xception.runtime import keep_freed_memory
 
+MEMORY_SAMPLES = 3  # fresh processes per contender for --memory on a CPU
+
 Mode = Literal["inference", "train"]
 
 
@@ -171,8 +173,14 @@ def run(
     steps = {spec: contender(spec, model_name, config, device) for spec in specs}
     results = time_steps(steps, config, progress)
     if config.memory and device.type == "cpu":
+        # Fresh processes vary by tens of MB: interleave a few per contender, take medians.
+        samples: dict[str, list[float | None]] = {result.name: [] for result in results}
+        for _ in range(MEMORY_SAMPLES):
+            for result in results:
+                samples[result.name].append(cpu_peak_memory_mb(result.name, model_name, config))
         for result in results:
-            result.peak_memory_mb = cpu_peak_memory_mb(result.name, model_name, config)
+            peaks = samples[result.name]
+            result.peak_memory_mb = None if None in peaks else statistics.median(peaks)
     return results
 
 

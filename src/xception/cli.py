@@ -401,8 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--memory",
         action="store_true",
-        help="on a CPU, also measure each contender's peak memory (a fresh process each; "
-        "on CUDA it is always measured)",
+        help="on a CPU, also measure each contender's peak memory (median of 3 fresh "
+        "processes each; on CUDA it is always measured)",
     )
     bench.add_argument("--json", help="write the results here too")
     bench.set_defaults(run=cmd_bench)

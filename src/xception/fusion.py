@@ -22,7 +22,7 @@ from torch import nn
 from xception.layers import SeparableConv2d
 from xception.models.base import ImageClassifier
 
-# Stages whose input is finer than 1/16 of the image run a micro-batch at a time: for
+# Stages whose input is at a stride below 16 run a micro-batch at a time: for
 # Xception at 299 px that is the entry flow, whose block-2 maps take 11 MB per image (88 MB
 # for a batch of 8, against 32 MB of L3 on the project's CPU). Coarser stages run on the
 # whole batch, where their large 1x1 weights are reused across images.
@@ -112,7 +112,9 @@ def inference_model(
     """The fastest safe form of ``model`` for inference: folded, channels_last, micro-batched
     on CPUs, compiled if asked.
 
-    A compiled model is frozen: it must not be trained or have its weights changed.
+    A compiled model is frozen (it must not be trained or have its weights changed) and
+    specialised to its first input's shape, batch size included: the loop over micro-batches
+    is unrolled into the graph, so compile it for a fixed serving batch.
     """
     fast = fold_batchnorm(model).requires_grad_(False)
     if channels_last:
