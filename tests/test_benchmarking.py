@@ -30,7 +30,11 @@ def test_training_mode_times_full_steps():
 
 @pytest.mark.parametrize(
     ("specs", "message"),
-    [(["nope"], "unknown contender"), (["onnxruntime"], "inference contender")],
+    [
+        (["nope"], "unknown contender"),
+        (["onnxruntime"], "inference contender"),
+        (["ours-fused"], "inference contender"),
+    ],
 )
 def test_bad_contenders_fail_clearly(specs, message):
     with pytest.raises(ValueError, match=message):

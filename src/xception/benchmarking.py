@@ -110,11 +110,14 @@ def contender(
     """A step function for ``spec``.
 
     ``ours`` and ``timm:NAME`` follow ``--channels-last`` / ``--compile``; ``ours-fast`` is
-    the inference path (BN folded, channels_last) and ``ours-compiled`` the same compiled.
-    In training, whatever the flags, ``ours-fast`` is ours in channels_last (what ``xception
+    the inference path (BN folded, channels_last), ``ours-compiled`` the same compiled and
+    ``ours-fused`` the same with each separable unit as one Triton kernel on GPUs. In
+    training, whatever the flags, ``ours-fast`` is ours in channels_last (what ``xception
     train`` runs by default) and ``ours-compiled`` the same under ``torch.compile``;
     ``onnxruntime`` runs our ONNX export.
     """
+    if spec in ("ours-fused", "onnxruntime") and config.mode != "inference":
+        raise ValueError(f"{spec} is an inference contender")
     if spec == "ours":
         model = prepare_model(create_model(model_name), config, device)
         return torch_step(model, config, device, config.channels_last)
@@ -122,9 +125,12 @@ def contender(
         fastest = replace(config, channels_last=True, compile=spec == "ours-compiled")
         model = prepare_model(create_model(model_name), fastest, device)
         return torch_step(model, fastest, device, channels_last=True)
-    if spec in ("ours-fast", "ours-compiled"):
+    if spec in ("ours-fast", "ours-compiled", "ours-fused"):
         fast = inference_model(
-            create_model(model_name).to(device), channels_last=True, compile=spec == "ours-compiled"
+            create_model(model_name).to(device),
+            channels_last=True,
+            compile=spec == "ours-compiled",
+            fused=spec == "ours-fused",
         )
         return torch_step(fast, config, device, channels_last=True)
     if spec.startswith("timm:"):
@@ -138,13 +144,12 @@ def contender(
     if spec == "onnxruntime":
         return _onnxruntime_step(model_name, config)
     raise ValueError(
-        f"unknown contender {spec!r}: ours, ours-fast, ours-compiled, timm:NAME or onnxruntime"
+        f"unknown contender {spec!r}: ours, ours-fast, ours-compiled, ours-fused, timm:NAME "
+        "or onnxruntime"
     )
 
 
 def _onnxruntime_step(model_name: str, config: BenchConfig) -> Callable[[], None]:
-    if config.mode != "inference":
-        raise ValueError("onnxruntime is an inference contender")
     from xception.export import export_onnx, load_onnx_session
     from xception.weights import save_weights
 

@@ -373,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="interleaved speed comparison (medians, spread, ratios)",
         description="Contenders: ours (eager), ours-fast (inference: BN folded, channels_last; "
         "training: channels_last, as `train` runs), ours-compiled (the same compiled), "
+        "ours-fused (inference: separable units as one Triton kernel on GPUs), "
         "timm:NAME (needs timm), onnxruntime (our ONNX export). The first is the baseline.",
     )
     bench.add_argument("model", nargs="?", default="xception")
@@ -381,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--contender",
         action="append",
         metavar="SPEC",
-        help="ours, ours-fast, ours-compiled, timm:NAME, onnxruntime (repeatable)",
+        help="ours, ours-fast, ours-compiled, ours-fused, timm:NAME, onnxruntime (repeatable)",
     )
     bench.add_argument(
         "--reference",

@@ -19,6 +19,7 @@ import itertools
 import torch
 from torch import nn
 
+from xception.fused_separable import fuse_separables
 from xception.layers import SeparableConv2d
 from xception.models.base import ImageClassifier
 
@@ -107,16 +108,19 @@ class FrozenCompiled(nn.Module):
 
 
 def inference_model(
-    model: nn.Module, channels_last: bool = True, compile: bool = False
+    model: nn.Module, channels_last: bool = True, compile: bool = False, fused: bool = False
 ) -> nn.Module:
     """The fastest safe form of ``model`` for inference: folded, channels_last, micro-batched
-    on CPUs, compiled if asked.
+    on CPUs, compiled if asked. ``fused`` runs each separable unit as one Triton kernel on
+    GPUs (``fused_separable``; on CPUs PyTorch's convolutions compute the same units).
 
     A compiled model is frozen (it must not be trained or have its weights changed) and
     specialised to its first input's shape, batch size included: the loop over micro-batches
     is unrolled into the graph, so compile it for a fixed serving batch.
     """
     fast = fold_batchnorm(model).requires_grad_(False)
+    if fused:
+        fast = fuse_separables(fast)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     on_cpu = all(p.device.type == "cpu" for p in fast.parameters())

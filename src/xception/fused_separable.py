@@ -1,0 +1,182 @@
+"""A depthwise separable unit in one GPU kernel: [ReLU] -> depthwise k x k -> 1x1 (+ folded
+BatchNorm bias) -> [ReLU], with the depthwise output never written to memory.
+
+Unfused, the depthwise stage writes its whole output and the pointwise stage reads it back:
+for Xception's middle flow that is as many bytes as the pointwise stage's input and output
+together, on a layer whose arithmetic is cheap. Here each Triton program computes the
+depthwise result for a tile of output pixels and a slice of input channels in registers and
+feeds it straight to a matrix multiply with the pointwise weights.
+
+Only inference (BatchNorm folded, see ``fusion``) and only units the kernel covers: a
+depthwise spatial stage (no channel multiplier, nothing between the stages) with
+input-independent padding. Elsewhere, and wherever Triton or a GPU is missing, the module
+runs the same function with PyTorch's own convolutions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xception.layers import SeparableConv2d
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path below is used
+    triton = None
+
+
+class FusedSeparable(nn.Module):
+    """One folded separable unit; ``forward`` takes NCHW or channels_last input."""
+
+    def __init__(self, unit: SeparableConv2d, relu_in: bool, relu_out: bool) -> None:
+        super().__init__()
+        if not fusable(unit):
+            raise ValueError("the fused kernel needs a depthwise unit with static padding")
+        spatial, pointwise = unit.spatial, unit.pointwise
+        self.relu_in, self.relu_out = relu_in, relu_out
+        self.kernel_size, self.stride = spatial.kernel_size[0], spatial.stride[0]
+        self.padding, self.dilation = spatial.padding[0], spatial.dilation[0]
+        self.depthwise = nn.Parameter(spatial.weight.detach().contiguous(), requires_grad=False)
+        # The 1x1 weights as the right-hand matrix of the kernel's multiply: (C_in, C_out).
+        matrix = pointwise.weight.detach()[:, :, 0, 0].t().contiguous()
+        self.pointwise = nn.Parameter(matrix, requires_grad=False)
+        bias = pointwise.bias
+        if spatial.bias is not None:  # pointwise(depthwise(x) + b) = pointwise(depthwise(x)) + W b
+            carried = spatial.bias.detach() @ matrix
+            bias = carried if bias is None else bias.detach() + carried
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton is not None and x.is_cuda:
+            return self._triton(x)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The unit with PyTorch's convolutions: the CPU path, and what the kernel must equal."""
+        if self.relu_in:
+            x = F.relu(x)
+        x = F.conv2d(x, self.depthwise, None, self.stride, self.padding, self.dilation, x.shape[1])
+        x = F.conv2d(x, self.pointwise.t()[:, :, None, None], self.bias)
+        return F.relu(x) if self.relu_out else x
+
+    def _triton(self, x: torch.Tensor) -> torch.Tensor:
+        n, channels, height, width = x.shape
+        span = (self.kernel_size - 1) * self.dilation + 1
+        out_h = (height + 2 * self.padding - span) // self.stride + 1
+        out_w = (width + 2 * self.padding - span) // self.stride + 1
+        out_channels = self.pointwise.shape[1]
+        y = torch.empty((n, out_channels, out_h, out_w), device=x.device, dtype=x.dtype).to(
+            memory_format=torch.channels_last
+        )
+        pixels = n * out_h * out_w
+        grid = (triton.cdiv(pixels, BLOCK_M), triton.cdiv(out_channels, BLOCK_N))
+        bias = self.bias if self.bias is not None else self.pointwise  # unread when absent
+        _separable_kernel[grid](
+            x, self.depthwise, self.pointwise.to(x.dtype), bias, y,
+            pixels, channels, height, width, out_h, out_w, out_channels,
+            *x.stride(), *y.stride(),
+            self.stride, self.padding, self.dilation,
+            KERNEL=self.kernel_size, RELU_IN=self.relu_in, RELU_OUT=self.relu_out,
+            HAS_BIAS=self.bias is not None,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        )  # fmt: skip
+        return y
+
+
+def fusable(unit: nn.Module) -> bool:
+    """Whether ``unit`` is a separable convolution the kernel computes exactly."""
+    if not isinstance(unit, SeparableConv2d):
+        return False
+    spatial = unit.spatial
+    return (
+        spatial.groups == spatial.in_channels == spatial.out_channels
+        and not spatial.dynamic_padding
+        and spatial.kernel_size[0] == spatial.kernel_size[1]
+        and spatial.stride[0] == spatial.stride[1]
+        and spatial.dilation[0] == spatial.dilation[1]
+        and spatial.padding[0] == spatial.padding[1]
+        and isinstance(unit.mid_norm, nn.Identity)
+        and isinstance(unit.mid_act, nn.Identity)
+    )
+
+
+# Tile sizes: output pixels x output channels per program, input channels per step.
+BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
+
+if triton is not None:
+
+    @triton.jit
+    def _separable_kernel(
+        x_ptr, dw_ptr, pw_ptr, bias_ptr, y_ptr,
+        pixels, channels, height, width, out_h, out_w, out_channels,
+        sxn, sxc, sxh, sxw, syn, syc, syh, syw,
+        stride, padding, dilation,
+        KERNEL: tl.constexpr, RELU_IN: tl.constexpr, RELU_OUT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
+        row_ok, col_ok = rows < pixels, cols < out_channels
+        image = rows // (out_h * out_w)
+        oh = (rows // out_w) % out_h
+        ow = rows % out_w
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start in range(0, channels, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            k_ok = ks < channels
+            depthwise = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for i in tl.static_range(KERNEL):
+                for j in tl.static_range(KERNEL):
+                    ih = oh * stride - padding + i * dilation
+                    iw = ow * stride - padding + j * dilation
+                    inside = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+                    offsets = image * sxn + ih * sxh + iw * sxw
+                    pointers = x_ptr + offsets[:, None] + ks[None, :] * sxc
+                    mask = inside[:, None] & k_ok[None, :]
+                    v = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
+                    if RELU_IN:
+                        v = tl.maximum(v, 0.0)
+                    tap = tl.load(dw_ptr + ks * KERNEL * KERNEL + i * KERNEL + j, mask=k_ok)
+                    depthwise += v * tap.to(tl.float32)[None, :]
+            weights = tl.load(
+                pw_ptr + ks[:, None] * out_channels + cols[None, :],
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(depthwise.to(weights.dtype), weights)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok).to(tl.float32)[None, :]
+        if RELU_OUT:
+            acc = tl.maximum(acc, 0.0)
+        offsets = image * syn + oh * syh + ow * syw
+        pointers = y_ptr + offsets[:, None] + cols[None, :] * syc
+        tl.store(pointers, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def fuse_separables(model: nn.Module) -> nn.Module:
+    """Replace, in place, every ``[ReLU], SeparableConv2d, [ReLU]`` run of a Sequential by one
+    ``FusedSeparable``; the BatchNorm after the unit must already be folded (an Identity)."""
+    for parent in list(model.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for index, name in enumerate(names):
+            unit = parent._modules[name]
+            if not fusable(unit):
+                continue
+            later = [n for n in names[index + 1 :] if type(parent._modules[n]) is not nn.Identity]
+            if later and isinstance(parent._modules[later[0]], nn.BatchNorm2d):
+                continue  # not folded: the kernel has no BatchNorm stage
+            before = names[index - 1] if index else None
+            after = later[0] if later else None
+            relu_in = before is not None and type(parent._modules[before]) is nn.ReLU
+            relu_out = after is not None and type(parent._modules[after]) is nn.ReLU
+            parent._modules[name] = FusedSeparable(unit, relu_in, relu_out)
+            for absorbed, fused in ((before, relu_in), (after, relu_out)):
+                if fused:
+                    parent._modules[absorbed] = nn.Identity()
+    return model
