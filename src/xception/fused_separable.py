@@ -68,8 +68,11 @@ class FusedSeparable(nn.Module):
         out_h = (height + 2 * self.padding - span) // self.stride + 1
         out_w = (width + 2 * self.padding - span) // self.stride + 1
         out_channels = self.pointwise.shape[1]
-        y = torch.empty((n, out_channels, out_h, out_w), device=x.device, dtype=x.dtype).to(
-            memory_format=torch.channels_last
+        y = torch.empty(
+            (n, out_channels, out_h, out_w),
+            device=x.device,
+            dtype=x.dtype,
+            memory_format=torch.channels_last,
         )
         pixels = n * out_h * out_w
         grid = (triton.cdiv(pixels, BLOCK_M), triton.cdiv(out_channels, BLOCK_N))
