@@ -88,3 +88,19 @@ def test_micro_batching_only_on_cpu_models_and_checks_input():
         inference_model(model)(torch.randn(2, 1, 96, 96))
     with pytest.raises(ValueError, match="micro_batch=0"):
         MicroBatched(model, 0)
+
+
+def test_inference_models_stay_in_eval_mode_when_callers_restore_the_mode():
+    # evaluate() and summary save .training, call eval() and restore it: a wrapper left in
+    # training mode would put an unfoldable BatchNorm (Keras 1.x order) into training.
+    model = with_random_statistics("inception_v3_paper")
+    x = torch.randn(2, 3, 99, 99)
+    with torch.no_grad():
+        expected = model(x)
+        for fast in (inference_model(model), inference_model(model, compile=True)):
+            assert not any(m.training for m in fast.modules())
+        fast = inference_model(model)
+        was = fast.training
+        fast.eval()
+        fast.train(was)
+        torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)

@@ -84,6 +84,8 @@ class FusedSeparable(nn.Module):
             self.stride, self.padding, self.dilation,
             KERNEL=self.kernel_size, RELU_IN=self.relu_in, RELU_OUT=self.relu_out,
             HAS_BIAS=self.bias is not None,
+            # float32 multiplies in TF32 exactly when PyTorch's own convolutions do.
+            IEEE=x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         )  # fmt: skip
         return y
@@ -118,13 +120,13 @@ if triton is not None:
         sxn, sxc, sxh, sxw, syn, syc, syh, syw,
         stride, padding, dilation,
         KERNEL: tl.constexpr, RELU_IN: tl.constexpr, RELU_OUT: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
         row_ok, col_ok = rows < pixels, cols < out_channels
-        image = rows // (out_h * out_w)
+        image = (rows // (out_h * out_w)).to(tl.int64)  # batch offsets pass 2**31 at scale
         oh = (rows // out_w) % out_h
         ow = rows % out_w
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -150,7 +152,10 @@ if triton is not None:
                 mask=k_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
-            acc += tl.dot(depthwise.to(weights.dtype), weights)
+            if IEEE:
+                acc += tl.dot(depthwise.to(weights.dtype), weights, input_precision="ieee")
+            else:
+                acc += tl.dot(depthwise.to(weights.dtype), weights)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok).to(tl.float32)[None, :]
         if RELU_OUT:

@@ -126,4 +126,6 @@ def inference_model(
     on_cpu = all(p.device.type == "cpu" for p in fast.parameters())
     if on_cpu and isinstance(fast, ImageClassifier):
         fast = MicroBatched(fast)
-    return FrozenCompiled(fast) if compile else fast
+    # Eval mode on the wrappers too: callers that save and restore ``.training`` (evaluate,
+    # summary) would otherwise switch the model inside to training mode.
+    return (FrozenCompiled(fast) if compile else fast).eval()
