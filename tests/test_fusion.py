@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import xception
-from xception.fusion import MicroBatched, fold_batchnorm, inference_model
+from xception.fusion import CACHE_BUDGET, MicroBatched, fold_batchnorm, inference_model
 
 
 def with_random_statistics(name: str) -> nn.Module:
@@ -72,8 +72,9 @@ def test_micro_batching_keeps_the_function_and_splits_at_stride_16(
     x = torch.randn(5, 3, size, size)
     with torch.no_grad():
         expected = model(x)
+        micro = MicroBatched(model, 2)
         seen.clear()
-        torch.testing.assert_close(MicroBatched(model, 2)(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(micro(x), expected, rtol=1e-4, atol=1e-5)
     for stage in micro_batched:
         assert seen[stage] == [2, 2, 1], stage
     for stage in whole_batch:
@@ -104,3 +105,15 @@ def test_inference_models_stay_in_eval_mode_when_callers_restore_the_mode():
         fast.eval()
         fast.train(was)
         torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_micro_batches_hold_the_largest_early_map_within_the_cache_budget():
+    # Fig. 5's largest map is block 2's 128 channels at (size - 3) // 2 - 1 square; at width
+    # 0.25 it has 32 channels: 32 x 45 x 45 float32 at 96 px, 128 x 147 x 147 at 299 px.
+    tiny = MicroBatched(fold_batchnorm(with_random_statistics("xception_tiny")))
+    assert tiny.micro_batch(torch.zeros(256, 3, 96, 96)) == CACHE_BUDGET // (32 * 45 * 45 * 4)
+    # Other sizes scale by pixel count: 192 px holds about a quarter as many images.
+    at_192 = tiny.micro_batch(torch.zeros(1, 3, 192, 192))
+    assert CACHE_BUDGET // (32 * 93 * 93 * 4) <= at_192 <= CACHE_BUDGET // (4 * 32 * 45 * 45 * 4)
+    full = inference_model(with_random_statistics("xception"))
+    assert full.micro_batch(torch.zeros(8, 3, 299, 299)) == CACHE_BUDGET // (128 * 147 * 147 * 4)

@@ -23,11 +23,15 @@ from xception.fused_separable import fuse_separables
 from xception.layers import SeparableConv2d
 from xception.models.base import ImageClassifier
 
-# Stages whose input is at a stride below 16 run a micro-batch at a time: for
-# Xception at 299 px that is the entry flow, whose block-2 maps take 11 MB per image (88 MB
-# for a batch of 8, against 32 MB of L3 on the project's CPU). Coarser stages run on the
-# whole batch, where their large 1x1 weights are reused across images.
+# Stages whose input is at a stride below 16 run a few images at a time; coarser stages run
+# on the whole batch, where their large 1x1 weights are reused across images.
 MICRO_BATCH_UNTIL_STRIDE = 16
+# Bytes of the largest early feature map per micro-batch. Tuned on the project's CPU (32 MB
+# of L3): the best micro-batches held 9-26 MB of it (xception_tiny at 96 px: 32 images;
+# Xception at 299: 1-2; Inception V3: 4; MobileNet at 224: 8). Whole batches of 8 were
+# 16-25% slower for Xception and MobileNet, and one image at a time was 3x slower for
+# xception_tiny, whose per-image work is too small to pay for the Python loop.
+CACHE_BUDGET = 24 * 1024 * 1024
 
 
 @torch.no_grad()
@@ -65,26 +69,61 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 class MicroBatched(nn.Module):
-    """``model`` with its fine-resolution stages run ``micro_batch`` images at a time.
+    """``model`` with its fine-resolution stages run a few images at a time, as many as keep
+    their largest feature map within ``cache_budget`` bytes (or ``micro_batch`` images).
 
     Only valid where images do not interact: eval mode, BatchNorm folded or frozen.
     """
 
-    def __init__(self, model: ImageClassifier, micro_batch: int = 1) -> None:
+    def __init__(
+        self,
+        model: ImageClassifier,
+        micro_batch: int | None = None,
+        cache_budget: int = CACHE_BUDGET,
+    ) -> None:
         super().__init__()
-        if micro_batch < 1:
+        if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro_batch={micro_batch} must be positive")
-        self.model, self.micro_batch = model, micro_batch
+        self.model, self.fixed, self.cache_budget = model, micro_batch, cache_budget
+        size = model.config.image_size
+        self.map_bytes_per_pixel = largest_map_bytes(model, size) / size**2
+
+    def micro_batch(self, x: torch.Tensor) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        per_image = self.map_bytes_per_pixel * x.shape[-2] * x.shape[-1]
+        return max(1, int(self.cache_budget // per_image))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.model.check_input(x)
         coarse = -(-x.shape[-2] // MICRO_BATCH_UNTIL_STRIDE)  # map height at stride 16
-        parts = list(x.split(self.micro_batch))
+        parts = list(x.split(self.micro_batch(x)))
         for name in self.model.stage_names:
             if len(parts) > 1 and parts[0].shape[-2] <= coarse:
                 parts = [torch.cat(parts)]
             parts = [self.model.get_submodule(name)(part) for part in parts]
         return self.model.forward_head(parts[0] if len(parts) == 1 else torch.cat(parts))
+
+
+@torch.no_grad()
+def largest_map_bytes(model: ImageClassifier, size: int) -> int:
+    """Bytes of the largest output of any layer of ``model`` for one ``size`` x ``size`` image."""
+    largest = 0
+
+    def record(_module: nn.Module, _inputs: object, output: object) -> None:
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output[0].numel() * output.element_size())
+
+    parameter = next(model.parameters())
+    image = torch.zeros(1, model.in_chans, size, size, dtype=parameter.dtype)
+    handles = [m.register_forward_hook(record) for m in model.modules()]
+    try:
+        model(image.to(parameter.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return largest
 
 
 class FrozenCompiled(nn.Module):
