@@ -7,7 +7,7 @@ each other in a Sequential are folded (every unit in this package's models); Ker
 conv -> ReLU -> BN order is left alone, since the ReLU sits between them.
 
 A folded model in eval mode treats every image on its own, so on a CPU its early stages run
-one image at a time (``MicroBatched``): the large early feature maps then stay in the caches
+a few images at a time (``MicroBatched``): the large early feature maps then stay in the caches
 between layers instead of streaming through memory.
 """
 
@@ -26,12 +26,14 @@ from xception.models.base import ImageClassifier
 # Stages whose input is at a stride below 16 run a few images at a time; coarser stages run
 # on the whole batch, where their large 1x1 weights are reused across images.
 MICRO_BATCH_UNTIL_STRIDE = 16
-# Bytes of the largest early feature map per micro-batch. Tuned on the project's CPU (32 MB
-# of L3): the best micro-batches held 9-26 MB of it (xception_tiny at 96 px: 32 images;
-# Xception at 299: 1-2; Inception V3: 4; MobileNet at 224: 8). Whole batches of 8 were
-# 16-25% slower for Xception and MobileNet, and one image at a time was 3x slower for
-# xception_tiny, whose per-image work is too small to pay for the Python loop.
-CACHE_BUDGET = 24 * 1024 * 1024
+# Bytes of the largest early feature map per micro-batch, tuned on the project's CPU (32 MB
+# of L3). With malloc keeping freed blocks (``runtime``), 9-26 MB per micro-batch was best;
+# with glibc's defaults, maps over ~12 MB are mapped afresh and faulted in on every call
+# (Xception at batch 8: 368 ms with two images per micro-batch, 330 with one). 12 MB is
+# within 5% of the best micro-batch in both settings for every model here, while whole
+# batches of 8-32 were 17-61% slower for Xception and MobileNet and one image at a time
+# was 3x slower for xception_tiny (its per-image work cannot pay for the Python loop).
+CACHE_BUDGET = 12 * 1024 * 1024
 
 
 @torch.no_grad()
