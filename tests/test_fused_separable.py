@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 import xception
-from xception.fused_separable import FusedSeparable, fusable, fuse_separables, triton
+from xception.fused_separable import (
+    FusedSeparable,
+    fusable,
+    fuse_separables,
+    triton,
+)
 from xception.fusion import fold_batchnorm, inference_model
 from xception.layers import SeparableConv2d
 from xception.models.xception import Xception, XceptionConfig
@@ -122,3 +127,26 @@ def test_triton_kernel_matches_eager_on_the_gpu(dtype):
         expected, got = eager(x).float(), fused(x).float()
     tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3  # TF32 / bf16 matrix multiplies
     torch.testing.assert_close(got.softmax(1), expected.softmax(1), rtol=0, atol=tolerance)
+
+
+PRECISION_CHECK = """
+import torch
+from xception.fused_separable import convolutions_use_tf32
+cudnn = torch.backends.cudnn
+cudnn.allow_tf32 = True
+assert convolutions_use_tf32()
+cudnn.allow_tf32 = False
+assert not convolutions_use_tf32()
+cudnn.conv.fp32_precision = "ieee"  # reading cudnn.allow_tf32 would raise here
+assert not convolutions_use_tf32()
+cudnn.conv.fp32_precision, torch.backends.fp32_precision = "tf32", "ieee"
+assert convolutions_use_tf32()  # the most specific setting wins, as in PyTorch
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="no fp32_precision")
+def test_kernel_precision_follows_pytorchs_convolution_settings():
+    # In a subprocess: these flags are process-wide and mixing their APIs is sticky.
+    result = subprocess.run([sys.executable, "-c", PRECISION_CHECK], capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]

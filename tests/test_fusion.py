@@ -6,6 +6,8 @@ from torch import nn
 
 import xception
 from xception.fusion import CACHE_BUDGET, MicroBatched, fold_batchnorm, inference_model
+from xception.layers import ClassifierHead
+from xception.models.base import ImageClassifier
 
 
 def with_random_statistics(name: str) -> nn.Module:
@@ -117,3 +119,34 @@ def test_micro_batches_hold_the_largest_early_map_within_the_cache_budget():
     assert CACHE_BUDGET // (32 * 93 * 93 * 4) <= at_192 <= CACHE_BUDGET // (4 * 32 * 45 * 45 * 4)
     full = inference_model(with_random_statistics("xception"))
     assert full.micro_batch(torch.zeros(8, 3, 299, 299)) == CACHE_BUDGET // (128 * 147 * 147 * 4)
+
+
+class Plain(ImageClassifier):
+    """An ImageClassifier with only what the base class asks for (no ``config``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(8, 16, 3, 16), nn.ReLU())
+        self.head = ClassifierHead(16, 4)
+        self.stage_names, self.feature_info = ("stem", "body"), []
+        self.in_chans, self.min_input_size = 3, 32
+
+
+def test_micro_batching_models_without_a_config_probes_a_default_size():
+    model = Plain().eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(inference_model(model)(x), model(x), rtol=1e-5, atol=1e-6)
+    # 8 channels at 111 x 111 after the stem, probed at 224 px, then scaled to 64 px.
+    per_image = 8 * 111 * 111 * 4 / 224**2 * 64**2
+    assert MicroBatched(model).micro_batch(x) == int(CACHE_BUDGET // per_image)
+
+
+def test_probing_leaves_a_training_model_and_its_statistics_alone():
+    model = xception.create_model("xception_tiny").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    MicroBatched(model)
+    assert model.training
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)

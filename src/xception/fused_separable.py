@@ -84,11 +84,22 @@ class FusedSeparable(nn.Module):
             self.stride, self.padding, self.dilation,
             KERNEL=self.kernel_size, RELU_IN=self.relu_in, RELU_OUT=self.relu_out,
             HAS_BIAS=self.bias is not None,
-            # float32 multiplies in TF32 exactly when PyTorch's own convolutions do.
-            IEEE=x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32,
+            IEEE=x.dtype == torch.float32 and not convolutions_use_tf32(),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         )  # fmt: skip
         return y
+
+
+def convolutions_use_tf32() -> bool:
+    """Whether PyTorch's float32 GPU convolutions run in TF32: the kernel's float32 multiplies
+    follow suit. The most specific of the ``fp32_precision`` settings that is not "none"
+    decides; with none set, the older ``cudnn.allow_tf32`` flag does."""
+    cudnn = torch.backends.cudnn
+    for scope in (getattr(cudnn, "conv", None), cudnn, torch.backends):
+        precision = getattr(scope, "fp32_precision", "none")
+        if precision in ("ieee", "tf32"):
+            return precision == "tf32"
+    return bool(cudnn.allow_tf32)
 
 
 def fusable(unit: nn.Module) -> bool:

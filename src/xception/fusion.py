@@ -26,10 +26,11 @@ from xception.models.base import ImageClassifier
 # Stages whose input is at a stride below 16 run a few images at a time; coarser stages run
 # on the whole batch, where their large 1x1 weights are reused across images.
 MICRO_BATCH_UNTIL_STRIDE = 16
-# Bytes of the largest early feature map per micro-batch, tuned on the project's CPU (32 MB
-# of L3). With malloc keeping freed blocks (``runtime``), 9-26 MB per micro-batch was best;
-# with glibc's defaults, maps over ~12 MB are mapped afresh and faulted in on every call
-# (Xception at batch 8: 368 ms with two images per micro-batch, 330 with one). 12 MB is
+# Bytes of the largest feature map (in these networks an early one) per micro-batch, tuned
+# on the project's CPU (32 MB of L3). With malloc keeping freed blocks (``runtime``), 9-26 MB
+# per micro-batch was best; with glibc's defaults, maps over ~12 MB are mapped afresh and
+# faulted in on every call (Xception at batch 8: 368 ms with two images per micro-batch,
+# 330 with one). 12 MB is
 # within 5% of the best micro-batch in both settings for every model here, while whole
 # batches of 8-32 were 17-61% slower for Xception and MobileNet and one image at a time
 # was 3x slower for xception_tiny (its per-image work cannot pay for the Python loop).
@@ -87,8 +88,11 @@ class MicroBatched(nn.Module):
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro_batch={micro_batch} must be positive")
         self.model, self.fixed, self.cache_budget = model, micro_batch, cache_budget
-        size = model.config.image_size
-        self.map_bytes_per_pixel = largest_map_bytes(model, size) / size**2
+        self.map_bytes_per_pixel = 0.0
+        if micro_batch is None:
+            config = getattr(model, "config", None)
+            size = getattr(config, "image_size", None) or max(model.min_input_size, 224)
+            self.map_bytes_per_pixel = largest_map_bytes(model, size) / size**2
 
     def micro_batch(self, x: torch.Tensor) -> int:
         if self.fixed is not None:
@@ -109,7 +113,8 @@ class MicroBatched(nn.Module):
 
 @torch.no_grad()
 def largest_map_bytes(model: ImageClassifier, size: int) -> int:
-    """Bytes of the largest output of any layer of ``model`` for one ``size`` x ``size`` image."""
+    """Bytes of the largest output of any layer of ``model`` for one ``size`` x ``size`` image
+    (an eval-mode pass: BatchNorm statistics are left alone)."""
     largest = 0
 
     def record(_module: nn.Module, _inputs: object, output: object) -> None:
@@ -120,9 +125,11 @@ def largest_map_bytes(model: ImageClassifier, size: int) -> int:
     parameter = next(model.parameters())
     image = torch.zeros(1, model.in_chans, size, size, dtype=parameter.dtype)
     handles = [m.register_forward_hook(record) for m in model.modules()]
+    training = model.training
     try:
-        model(image.to(parameter.device))
+        model.eval()(image.to(parameter.device))
     finally:
+        model.train(training)
         for handle in handles:
             handle.remove()
     return largest
