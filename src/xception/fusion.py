@@ -123,11 +123,13 @@ def largest_map_bytes(model: ImageClassifier, size: int) -> int:
             largest = max(largest, output[0].numel() * output.element_size())
 
     parameter = next(model.parameters())
-    image = torch.zeros(1, model.in_chans, size, size, dtype=parameter.dtype)
+    image = torch.zeros(
+        1, model.in_chans, size, size, dtype=parameter.dtype, device=parameter.device
+    )
     handles = [m.register_forward_hook(record) for m in model.modules()]
     training = model.training
     try:
-        model.eval()(image.to(parameter.device))
+        model.eval()(image)
     finally:
         model.train(training)
         for handle in handles:
