@@ -24,7 +24,7 @@ from torch import nn
 from xception.fusion import inference_model
 from xception.precision import autocast
 from xception.registry import create_model
-from xception.runtime import keep_freed_memory
+from xception.runtime import compile_for_training, keep_freed_memory
 
 MEMORY_SAMPLES = 3  # fresh processes per contender for --memory on a CPU
 
@@ -74,7 +74,11 @@ def prepare_model(model: nn.Module, config: BenchConfig, device: torch.device) -
     model = model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model, dynamic=False) if config.compile else model
+    if not config.compile:
+        return model
+    if config.mode == "train":
+        return compile_for_training(model, device)
+    return torch.compile(model, dynamic=False)
 
 
 def torch_step(

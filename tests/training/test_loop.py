@@ -332,7 +332,8 @@ def test_invalid_training_options_name_the_field(overrides, message):
 
 def test_the_compiled_channels_last_training_step_computes_the_eager_gradients():
     """`train --compile --channels-last` (and bench's ours-compiled in training) compute
-    what eager does: loss and every gradient, BatchNorm in training mode. In float64:
+    what eager does: loss and every gradient, BatchNorm in training mode, with inductor's
+    layout optimisation forced as on CPUs. In float64:
     in float32 a max-pool whose two largest inputs differ by rounding may route its
     gradient to the other one in either path (both are right), which no tolerance fits."""
     import copy
@@ -340,13 +341,14 @@ def test_the_compiled_channels_last_training_step_computes_the_eager_gradients()
     import torch.nn.functional as F
 
     from xception import create_model
+    from xception.runtime import compile_for_training
 
     torch.manual_seed(0)
     eager = create_model("xception_tiny", num_classes=3, middle_blocks=1).double()
     fast = copy.deepcopy(eager).to(memory_format=torch.channels_last)
     x, y = torch.randn(4, 3, 72, 72, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     torch._dynamo.reset()  # the models share ImageClassifier.forward's frame
-    compiled = torch.compile(fast, dynamic=False)
+    compiled = compile_for_training(fast, torch.device("cpu"))
     loss = F.cross_entropy(eager(x), y)
     loss.backward()
     fast_loss = F.cross_entropy(compiled(x.contiguous(memory_format=torch.channels_last)), y)

@@ -37,6 +37,7 @@ from xception.data.transforms import Preprocessing, normalize
 from xception.evaluation import class_frequency_weights, evaluate
 from xception.precision import autocast
 from xception.registry import create_model
+from xception.runtime import compile_for_training
 from xception.training import checkpoint as ckpt
 from xception.training.distributed import (
     World,
@@ -389,7 +390,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.config.compile:
-            model = torch.compile(model, dynamic=False)  # one image size: static shapes
+            model = compile_for_training(model, self.device)
         return model
 
     def _train_epoch(
