@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from roofline import median_seconds  # a sibling script: run this file from anywhere
 from torch.profiler import ProfilerActivity, profile
 
 from xception import create_model
@@ -39,15 +40,8 @@ POINTWISE = [
 ]
 
 
-def median_ms(fn: Callable[[], object], rounds: int = 15) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def median_ms(fn: Callable[[], object]) -> float:
+    return median_seconds(fn, repeats=15) * 1e3
 
 
 def training_step(model: torch.nn.Module) -> Callable[[], None]:
