@@ -7,6 +7,8 @@ bandwidth are measured here (the faster of a large float32 matmul and a large 1x
 convolution; a large tensor copy), so the floor
 is what this machine can do, not a datasheet figure; `--peak-tmacs` and `--bandwidth-gbs`
 replace them to compute a floor for another device (e.g. an H100's datasheet).
+The measured compiled path is then profiled: its time per kind of layer beside that kind's
+floor shows where the gap to the floor is.
 
     python benchmarks/roofline.py --model xception --batch-size 8 --threads 2
 """
@@ -20,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from xception import create_model
 from xception.fusion import inference_model
@@ -91,6 +94,40 @@ def layer_costs(model: nn.Module, batch: int, size: int) -> list[tuple[str, str,
     return rows
 
 
+def layer_kind(weight: list[int], groups: int) -> str:
+    """The kind ``layer_costs`` gives a convolution, from a profiled call's weight shape."""
+    if groups > 1:
+        return "depthwise" if weight[1] == 1 else "grouped"
+    return "pointwise" if weight[2:] == [1, 1] else "regular"
+
+
+REST = "the rest (inductor's code, dispatch)"
+
+
+def time_by_kind(fast: nn.Module, x: torch.Tensor, repeats: int = 5) -> dict[str, float]:
+    """Seconds per call of a compiled CPU model's oneDNN convolutions by kind, of its
+    linear layers, and of the rest."""
+    activities = [ProfilerActivity.CPU]
+    with torch.inference_mode(), profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(repeats):
+            fast(x)
+    seconds: dict[str, float] = {REST: 0.0}
+    for event in prof.events():
+        name, kind = event.name, None
+        if event.cpu_parent is None:
+            seconds[REST] += event.cpu_time_total  # everything; the kinds come off below
+        if name.startswith("mkldnn::_convolution_pointwise"):
+            in_place = name.endswith("_")  # a residual add fused: (other, input, weight, ...)
+            weight = event.input_shapes[2 if in_place else 1]
+            kind = layer_kind(weight, event.concrete_inputs[7 if in_place else 6])
+        elif "linear" in name:
+            kind = "linear"
+        if kind is not None:
+            seconds[kind] = seconds.get(kind, 0.0) + event.cpu_time_total
+            seconds[REST] -= event.cpu_time_total
+    return {kind: total / 1e6 / repeats for kind, total in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="xception")
@@ -146,6 +183,16 @@ def main() -> None:
         f"images/s, {total_floor / measured:.0%} of the floor, "
         f"{total_macs / measured / 1e9:.0f} G multiply-adds/s"
     )
+    floors: dict[str, float] = {}
+    for _, kind, macs, moved in rows:
+        floors[kind] = floors.get(kind, 0.0) + max(macs / peak, moved / bandwidth)
+    print("| part of the compiled path (profiled) | floor ms | ms | share of the floor |")
+    print("|---|---:|---:|---:|")
+    for kind, spent in sorted(time_by_kind(fast, x).items(), key=lambda kv: -kv[1]):
+        floor = floors.get(kind)
+        share = f"{floor / spent:.0%}" if floor else "-"
+        floor_ms = f"{floor * 1e3:.1f}" if floor else "-"
+        print(f"| {kind} | {floor_ms} | {spent * 1e3:.1f} | {share} |")
 
 
 if __name__ == "__main__":
