@@ -1,8 +1,10 @@
 """The fused separable unit computes what the folded unfused units compute."""
 
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from xception.fused_separable import (
     fusable,
     fuse_separables,
     triton,
+    vector_width,
 )
 from xception.fusion import fold_batchnorm, inference_model
 from xception.layers import SeparableConv2d
@@ -79,7 +82,7 @@ def test_unfolded_units_are_left_alone():
 
 KERNEL_CHECK = """
 import torch
-from xception.fused_separable import FusedSeparable
+from xception.fused_separable import TILES, FusedSeparable, vector_width
 from xception.layers import SeparableConv2d
 torch.manual_seed(0)
 cases = [  # channels, out, size, dilation, stride, padding, relus, channels_last, bias
@@ -87,7 +90,9 @@ cases = [  # channels, out, size, dilation, stride, padding, relus, channels_las
     (40, 70, 9, 2, 1, "tf", (False, True), False, False),
     (33, 65, 5, 1, 1, "tf", (True, True), True, True),
     (16, 16, 8, 1, 2, "symmetric", (False, False), True, False),
+    (18, 22, 6, 1, 1, "tf", (True, False), True, False),
 ]
+widths = set()
 for case, (c, co, size, dilation, stride, padding, relus, last, bias) in enumerate(cases):
     relu_in, relu_out = relus
     torch.backends.cudnn.allow_tf32 = case % 2 == 0  # both matrix-multiply precisions
@@ -96,9 +101,13 @@ for case, (c, co, size, dilation, stride, padding, relus, last, bias) in enumera
     x = torch.randn(2, c, size, size + 3)
     if last:
         x = x.contiguous(memory_format=torch.channels_last)
-    got, expected = fused._triton(x), fused.reference(x)
-    assert got.shape == expected.shape, (got.shape, expected.shape)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    expected = fused.reference(x)
+    widths.add(vector_width(x, expected.contiguous(memory_format=torch.channels_last)))
+    for tile in [None, *TILES]:  # None: the autotuned kernel, which runs the first here
+        got = fused._triton(x, tile)
+        assert got.shape == expected.shape, (got.shape, expected.shape)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=str(tile))
+assert widths == {1, 2, 4}, widths  # every vector width float32 has
 print("ok")
 """
 
@@ -150,3 +159,84 @@ def test_kernel_precision_follows_pytorchs_convolution_settings():
     # In a subprocess: these flags are process-wide and mixing their APIs is sticky.
     result = subprocess.run([sys.executable, "-c", PRECISION_CHECK], capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("channels", "out_channels", "dtype", "channels_last", "expected"),
+    [
+        (728, 728, torch.bfloat16, True, 8),  # 16 bytes
+        (728, 728, torch.float32, True, 4),
+        (728, 1024, torch.float16, True, 8),
+        (18, 22, torch.float32, True, 2),
+        (33, 64, torch.float32, True, 1),
+        (728, 728, torch.bfloat16, False, 1),  # NCHW: channels are not contiguous
+    ],
+)
+def test_vector_width_divides_every_channel_count_and_stride(
+    channels, out_channels, dtype, channels_last, expected
+):
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(2, channels, 19, 19, dtype=dtype).contiguous(memory_format=layout)
+    y = torch.empty(2, out_channels, 19, 19, dtype=dtype, memory_format=torch.channels_last)
+    assert vector_width(x, y) == expected
+
+
+def compile_for_h100(dtype: str, tile) -> tuple[str, str]:
+    """PTX and ptxas's resource report of the kernel for an H100 (sm_90), specialised as
+    Triton's launcher specialises it for Xception's middle-flow unit in ``dtype`` at batch
+    256 (channels_last, 728 channels, 19x19): no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    from xception.fused_separable import _separable_kernel
+
+    c, size, vec = 728, 19, 8 if dtype == "bf16" else 4
+    ints = dict(
+        pixels=256 * size * size, channels=c, height=size, width=size, out_h=size, out_w=size,
+        out_channels=c, sxn=c * size * size, sxc=1, sxh=size * c, sxw=c,
+        syn=c * size * size, syc=1, syh=size * c, syw=c, stride=1, padding=1, dilation=1,
+    )  # fmt: skip
+    pointers = dict(x_ptr=dtype, dw_ptr="fp32", pw_ptr=dtype, bias_ptr="fp32", y_ptr=dtype)
+    flags = dict(VEC=vec, KERNEL=3, RELU_IN=True, RELU_OUT=False, HAS_BIAS=True)
+    flags |= dict(IEEE=dtype == "fp32", **tile.kwargs)
+    signature, constants, attributes = {}, {}, {}
+    for index, name in enumerate(_separable_kernel.fn.arg_names):
+        if name in pointers:
+            signature[name] = "*" + pointers[name]
+            attributes[(index,)] = [["tt.divisibility", 16]]
+        elif name in ints and ints[name] != 1:
+            signature[name] = "i32"
+            if ints[name] % 16 == 0:
+                attributes[(index,)] = [["tt.divisibility", 16]]
+        else:  # flags, and integers equal to 1, which Triton's launcher makes constants
+            signature[name] = "constexpr"
+            constants[(index,)] = flags.get(name, 1)
+    source = triton.compiler.ASTSource(_separable_kernel.fn, signature, constants, attributes)
+    options = {"num_warps": tile.num_warps, "num_stages": tile.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as file:
+        file.write(ptx)
+        file.flush()
+        command = [get_ptxas(90).path, "-arch=sm_90a", "-v", file.name, "-o", os.devnull]
+        report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    return ptx, report
+
+
+@pytest.mark.skipif(triton is None, reason="needs triton")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_every_tile_compiles_for_an_h100_without_spills_and_with_16_byte_accesses(dtype):
+    """Register spills and one-element accesses are what slow a kernel like this most;
+    ptxas reports the first and the PTX shows the second, on a machine without a GPU. The
+    activations and 1x1 weights arrive through asynchronous 16-byte copies (the loads in
+    flight), and every store is 16 bytes wide."""
+    from xception.fused_separable import TILES
+
+    for tile in TILES:
+        ptx, report = compile_for_h100(dtype, tile)
+        assert " 0 bytes spill stores" in report, (str(tile), report)
+        copies = re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)
+        assert copies and set(copies) == {"0x10"}, (str(tile), set(copies))
+        stores = re.findall(r"st\.global\S*", ptx)
+        assert stores and all(".v4." in store for store in stores), (str(tile), set(stores))
+        assert "ld.global.b16" not in ptx, str(tile)

@@ -39,7 +39,9 @@ class FusedSeparable(nn.Module):
         self.relu_in, self.relu_out = relu_in, relu_out
         self.kernel_size, self.stride = spatial.kernel_size[0], spatial.stride[0]
         self.padding, self.dilation = spatial.padding[0], spatial.dilation[0]
-        self.depthwise = nn.Parameter(spatial.weight.detach().contiguous(), requires_grad=False)
+        # Tap-major, (k * k, C): a tap's weights for a slice of channels are one contiguous load.
+        taps = spatial.weight.detach().flatten(1).t().contiguous()
+        self.depthwise = nn.Parameter(taps, requires_grad=False)
         # The 1x1 weights as the right-hand matrix of the kernel's multiply: (C_in, C_out).
         matrix = pointwise.weight.detach()[:, :, 0, 0].t().contiguous()
         self.pointwise = nn.Parameter(matrix, requires_grad=False)
@@ -58,11 +60,15 @@ class FusedSeparable(nn.Module):
         """The unit with PyTorch's convolutions: the CPU path, and what the kernel must equal."""
         if self.relu_in:
             x = F.relu(x)
-        x = F.conv2d(x, self.depthwise, None, self.stride, self.padding, self.dilation, x.shape[1])
+        k = self.kernel_size
+        weight = self.depthwise.t().reshape(-1, 1, k, k)
+        x = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, x.shape[1])
         x = F.conv2d(x, self.pointwise.t()[:, :, None, None], self.bias)
         return F.relu(x) if self.relu_out else x
 
-    def _triton(self, x: torch.Tensor) -> torch.Tensor:
+    def _triton(self, x: torch.Tensor, tile: triton.Config | None = None) -> torch.Tensor:
+        """The kernel; ``tile`` fixes one of ``TILES`` instead of the fastest, which Triton
+        picks by timing each on the first call per unit shape and dtype."""
         n, channels, height, width = x.shape
         span = (self.kernel_size - 1) * self.dilation + 1
         out_h = (height + 2 * self.padding - span) // self.stride + 1
@@ -75,19 +81,37 @@ class FusedSeparable(nn.Module):
             memory_format=torch.channels_last,
         )
         pixels = n * out_h * out_w
-        grid = (triton.cdiv(pixels, BLOCK_M), triton.cdiv(out_channels, BLOCK_N))
+
+        def grid(meta: dict) -> tuple[int, int]:
+            return triton.cdiv(pixels, meta["BLOCK_M"]), triton.cdiv(out_channels, meta["BLOCK_N"])
+
         bias = self.bias if self.bias is not None else self.pointwise  # unread when absent
-        _separable_kernel[grid](
+        kernel = _separable_kernel if tile is None else _separable_kernel.fn
+        kernel[grid](
             x, self.depthwise, self.pointwise.to(x.dtype), bias, y,
             pixels, channels, height, width, out_h, out_w, out_channels,
             *x.stride(), *y.stride(),
             self.stride, self.padding, self.dilation,
-            KERNEL=self.kernel_size, RELU_IN=self.relu_in, RELU_OUT=self.relu_out,
-            HAS_BIAS=self.bias is not None,
+            VEC=vector_width(x, y), KERNEL=self.kernel_size,
+            RELU_IN=self.relu_in, RELU_OUT=self.relu_out, HAS_BIAS=self.bias is not None,
             IEEE=x.dtype == torch.float32 and not convolutions_use_tf32(),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            **({} if tile is None else tile.all_kwargs()),
         )  # fmt: skip
         return y
+
+
+def vector_width(x: torch.Tensor, y: torch.Tensor) -> int:
+    """Channels per load and store, up to 16 bytes: the kernel may read and write this many
+    channels at once where both tensors are channels_last and every channel count and stride
+    is a multiple of it (Triton only learns of divisibility by 16 on its own, and Xception's
+    728 channels are not)."""
+    if x.stride(1) != 1 or y.stride(1) != 1:
+        return 1
+    counts = [x.shape[1], y.shape[1]] + [t.stride(d) for t in (x, y) for d in (0, 2, 3)]
+    width = 16 // x.element_size()
+    while width > 1 and any(count % width for count in counts):
+        width //= 2
+    return width
 
 
 def convolutions_use_tf32() -> bool:
@@ -119,44 +143,67 @@ def fusable(unit: nn.Module) -> bool:
     )
 
 
-# Tile sizes: output pixels x output channels per program, input channels per step.
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
-
 if triton is not None:
+    # Output pixels x output channels per program, input channels per step; warps, and
+    # loads in flight. Compiled for an H100 each is free of register spills at Xception's
+    # shapes in float32 and bfloat16 (tests check with ptxas); which is fastest depends on
+    # the unit and the GPU, so Triton times them there.
+    TILES = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 32}, num_warps=w, num_stages=2)
+        for m, n, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 128, 8))
+    ]
 
+    def _untimed_off_gpu(configs: list, named_args: dict, **kwargs) -> list:
+        """Triton's interpreter (CPU tensors) cannot time tiles: it runs the first."""
+        return configs if named_args["x_ptr"].is_cuda else configs[:1]
+
+    @triton.autotune(
+        configs=TILES,
+        key=["pixels", "channels", "out_w", "out_channels", "stride", "dilation"],
+        prune_configs_by={"early_config_prune": _untimed_off_gpu},
+    )
     @triton.jit
     def _separable_kernel(
         x_ptr, dw_ptr, pw_ptr, bias_ptr, y_ptr,
         pixels, channels, height, width, out_h, out_w, out_channels,
         sxn, sxc, sxh, sxw, syn, syc, syh, syw,
         stride, padding, dilation,
-        KERNEL: tl.constexpr, RELU_IN: tl.constexpr, RELU_OUT: tl.constexpr,
+        VEC: tl.constexpr, KERNEL: tl.constexpr, RELU_IN: tl.constexpr, RELU_OUT: tl.constexpr,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
+        # The launch guarantees that VEC divides these; rewritten so, they tell the compiler,
+        # which then loads and stores VEC channels at a time.
+        channels, out_channels = channels // VEC * VEC, out_channels // VEC * VEC
+        sxn, sxh, sxw = sxn // VEC * VEC, sxh // VEC * VEC, sxw // VEC * VEC
+        syn, syh, syw = syn // VEC * VEC, syh // VEC * VEC, syw // VEC * VEC
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
         row_ok, col_ok = rows < pixels, cols < out_channels
         image = (rows // (out_h * out_w)).to(tl.int64)  # batch offsets pass 2**31 at scale
         oh = (rows // out_w) % out_h
         ow = rows % out_w
+        # Each output pixel's window corner; a tap adds the same offset to every pixel.
+        top, left = oh * stride - padding, ow * stride - padding
+        corner = image * sxn + top * sxh + left * sxw
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for start in range(0, channels, BLOCK_K):
             ks = start + tl.arange(0, BLOCK_K)
             k_ok = ks < channels
             depthwise = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
             for i in tl.static_range(KERNEL):
+                ih = top + i * dilation
+                row_inside = row_ok & (ih >= 0) & (ih < height)
                 for j in tl.static_range(KERNEL):
-                    ih = oh * stride - padding + i * dilation
-                    iw = ow * stride - padding + j * dilation
-                    inside = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-                    offsets = image * sxn + ih * sxh + iw * sxw
+                    iw = left + j * dilation
+                    inside = row_inside & (iw >= 0) & (iw < width)
+                    offsets = corner + (i * dilation * sxh + j * dilation * sxw)
                     pointers = x_ptr + offsets[:, None] + ks[None, :] * sxc
                     mask = inside[:, None] & k_ok[None, :]
                     v = tl.load(pointers, mask=mask, other=0.0).to(tl.float32)
                     if RELU_IN:
                         v = tl.maximum(v, 0.0)
-                    tap = tl.load(dw_ptr + ks * KERNEL * KERNEL + i * KERNEL + j, mask=k_ok)
+                    tap = tl.load(dw_ptr + (i * KERNEL + j) * channels + ks, mask=k_ok)
                     depthwise += v * tap.to(tl.float32)[None, :]
             weights = tl.load(
                 pw_ptr + ks[:, None] * out_channels + cols[None, :],
