@@ -56,8 +56,11 @@ def bandwidth_bytes_per_second(megabytes: int = 512) -> float:
     return 2 * x.numel() * 4 / median_seconds(lambda: y.copy_(x))
 
 
-def layer_costs(model: nn.Module, batch: int, size: int) -> list[tuple[str, str, int, int]]:
-    """(name, kind, multiply-adds, bytes) of every conv / linear layer in one forward."""
+def layer_costs(
+    model: nn.Module, batch: int, size: int, element_bytes: int = 4
+) -> list[tuple[str, str, int, int]]:
+    """(name, kind, multiply-adds, bytes) of every conv / linear layer in one forward of
+    ``batch`` images, traced on one image: activations scale with the batch, weights not."""
     rows: list[tuple[str, str, int, int]] = []
 
     def hook(name: str):
@@ -76,8 +79,9 @@ def layer_costs(model: nn.Module, batch: int, size: int) -> list[tuple[str, str,
                 )
             else:
                 per_output, kind = weight.shape[1], "linear"
-            macs = output.numel() * per_output
-            moved = 4 * (inputs[0].numel() + output.numel() + weight.numel())
+            macs = batch * output.numel() * per_output
+            activations = batch * (inputs[0].numel() + output.numel())
+            moved = element_bytes * (activations + weight.numel())
             rows.append((name, kind, macs, moved))
 
         return record
@@ -88,7 +92,7 @@ def layer_costs(model: nn.Module, batch: int, size: int) -> list[tuple[str, str,
         if isinstance(m, nn.Conv2d | nn.Linear)
     ]
     with torch.no_grad():
-        model(torch.randn(batch, 3, size, size))
+        model(torch.randn(1, 3, size, size))
     for handle in handles:
         handle.remove()
     return rows
@@ -136,6 +140,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--peak-tmacs", type=float, help="use this peak (T multiply-adds/s)")
     parser.add_argument("--bandwidth-gbs", type=float, help="use this bandwidth (GB/s)")
+    parser.add_argument(
+        "--element-bytes", type=int, default=4, help="bytes per value moved (2 for bf16)"
+    )
     parser.add_argument("--no-measure", action="store_true", help="floor only, no timing")
     args = parser.parse_args()
     if args.threads:
@@ -143,7 +150,7 @@ def main() -> None:
     peak = args.peak_tmacs * 1e12 if args.peak_tmacs else peak_macs_per_second()
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else bandwidth_bytes_per_second()
     model = create_model(args.model).eval()
-    rows = layer_costs(model, args.batch_size, args.image_size)
+    rows = layer_costs(model, args.batch_size, args.image_size, args.element_bytes)
     by_kind: dict[str, list[float]] = {}
     for _, kind, macs, moved in rows:
         floor = max(macs / peak, moved / bandwidth)
