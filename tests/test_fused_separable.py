@@ -107,7 +107,18 @@ for case, (c, co, size, dilation, stride, padding, relus, last, bias) in enumera
         got = fused._triton(x, tile)
         assert got.shape == expected.shape, (got.shape, expected.shape)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=str(tile))
-assert widths == {1, 2, 4}, widths  # every vector width float32 has
+# Half precision: weights cast to the input's type, 16-byte accesses of 8 values, a half
+# output. (Not bfloat16: the interpreter's bfloat16 dot multiplies bit patterns.)
+unit = SeparableConv2d(24, 40, 3, bias=True).eval()
+fused = FusedSeparable(unit, relu_in=True, relu_out=False)
+x = torch.randn(2, 24, 7, 9).half().contiguous(memory_format=torch.channels_last)
+expected = fused.reference(x.float())
+widths.add(vector_width(x, torch.empty_like(expected).half()))
+for tile in [None, *TILES]:
+    got = fused._triton(x, tile)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), expected, rtol=3e-3, atol=3e-3, msg=str(tile))
+assert widths == {1, 2, 4, 8}, widths
 print("ok")
 """
 
