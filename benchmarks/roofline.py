@@ -56,6 +56,14 @@ def bandwidth_bytes_per_second(megabytes: int = 512) -> float:
     return 2 * x.numel() * 4 / median_seconds(lambda: y.copy_(x))
 
 
+def layer_kind(weight: list[int], groups: int) -> str:
+    """A convolution's kind, from its weight's shape: the same for a module and for a
+    profiled oneDNN call."""
+    if groups > 1:
+        return "depthwise" if weight[1] == 1 else "grouped"
+    return "pointwise" if weight[2:] == [1, 1] else "regular"
+
+
 def layer_costs(
     model: nn.Module, batch: int, size: int, element_bytes: int = 4
 ) -> list[tuple[str, str, int, int]]:
@@ -68,15 +76,7 @@ def layer_costs(
             weight = module.weight
             if isinstance(module, nn.Conv2d):
                 per_output = weight.shape[1] * weight.shape[2] * weight.shape[3]
-                kind = (
-                    "depthwise"
-                    if module.groups == module.in_channels and module.groups > 1
-                    else "pointwise"
-                    if weight.shape[2:] == (1, 1)
-                    else "grouped"
-                    if module.groups > 1
-                    else "regular"
-                )
+                kind = layer_kind(list(weight.shape), module.groups)
             else:
                 per_output, kind = weight.shape[1], "linear"
             macs = batch * output.numel() * per_output
@@ -98,13 +98,6 @@ def layer_costs(
     return rows
 
 
-def layer_kind(weight: list[int], groups: int) -> str:
-    """The kind ``layer_costs`` gives a convolution, from a profiled call's weight shape."""
-    if groups > 1:
-        return "depthwise" if weight[1] == 1 else "grouped"
-    return "pointwise" if weight[2:] == [1, 1] else "regular"
-
-
 REST = "the rest (inductor's code, dispatch)"
 
 
@@ -121,9 +114,11 @@ def time_by_kind(fast: nn.Module, x: torch.Tensor, repeats: int = 5) -> dict[str
         if event.cpu_parent is None:
             seconds[REST] += event.cpu_time_total  # everything; the kinds come off below
         if name.startswith("mkldnn::_convolution_pointwise"):
-            in_place = name.endswith("_")  # a residual add fused: (other, input, weight, ...)
-            weight = event.input_shapes[2 if in_place else 1]
-            kind = layer_kind(weight, event.concrete_inputs[7 if in_place else 6])
+            # With a residual add fused (13 arguments) the weight follows the input and the
+            # other summand: (input, other, weight, ...), or (other, input, weight, ...).
+            binary = len(event.input_shapes) > 10
+            weight = event.input_shapes[2 if binary else 1]
+            kind = layer_kind(weight, event.concrete_inputs[7 if binary else 6])
         elif "linear" in name:
             kind = "linear"
         if kind is not None:
@@ -145,6 +140,10 @@ def main() -> None:
     )
     parser.add_argument("--no-measure", action="store_true", help="floor only, no timing")
     args = parser.parse_args()
+    if args.element_bytes != 4 and not args.no_measure:
+        parser.error(
+            "--element-bytes other than 4 needs --no-measure: the measured path is float32"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = args.peak_tmacs * 1e12 if args.peak_tmacs else peak_macs_per_second()

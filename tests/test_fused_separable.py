@@ -95,7 +95,9 @@ cases = [  # channels, out, size, dilation, stride, padding, relus, channels_las
 widths = set()
 for case, (c, co, size, dilation, stride, padding, relus, last, bias) in enumerate(cases):
     relu_in, relu_out = relus
-    torch.backends.cudnn.allow_tf32 = case % 2 == 0  # both matrix-multiply precisions
+    # Both branches of the kernel's IEEE flag (the interpreter multiplies either in full
+    # float32; the GPU test checks TF32 numerics).
+    torch.backends.cudnn.allow_tf32 = case % 2 == 0
     unit = SeparableConv2d(c, co, 3, stride, dilation, padding=padding, bias=bias).eval()
     fused = FusedSeparable(unit, relu_in, relu_out)
     x = torch.randn(2, c, size, size + 3)
@@ -236,18 +238,35 @@ def compile_for_h100(dtype: str, tile) -> tuple[str, str]:
 
 @pytest.mark.skipif(triton is None, reason="needs triton")
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_every_tile_compiles_for_an_h100_without_spills_and_with_16_byte_accesses(dtype):
+def test_every_tile_compiles_for_an_h100_without_spills_and_with_wide_accesses(
+    dtype, tmp_path, monkeypatch
+):
     """Register spills and one-element accesses are what slow a kernel like this most;
-    ptxas reports the first and the PTX shows the second, on a machine without a GPU. The
-    activations and 1x1 weights arrive through asynchronous 16-byte copies (the loads in
-    flight), and every store is 16 bytes wide."""
+    ptxas reports the first and the PTX shows the second, on a machine without a GPU.
+    Activations and 1x1 weights arrive through asynchronous 16-byte copies (the loads in
+    flight); the only narrower copies are the depthwise taps, one float32 a thread per tap
+    and stage; every other load is a vector load and every store 16 bytes wide."""
     from xception.fused_separable import TILES
 
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     for tile in TILES:
-        ptx, report = compile_for_h100(dtype, tile)
+        try:
+            ptx, report = compile_for_h100(dtype, tile)
+        except (ImportError, AttributeError) as error:  # Triton's API moved
+            pytest.skip(f"this Triton cannot compile ahead of time here: {error}")
         assert " 0 bytes spill stores" in report, (str(tile), report)
-        copies = re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)
-        assert copies and set(copies) == {"0x10"}, (str(tile), set(copies))
+        copies = re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)
+        narrow = [size for size in copies if size != "0x10"]
+        assert len(copies) > len(narrow), str(tile)
+        assert len(narrow) <= 9 * tile.num_stages, (str(tile), len(narrow))
+        loads = re.findall(r"ld\.global\S*", ptx)
+        assert all(".v" in load for load in loads), (str(tile), set(loads))
         stores = re.findall(r"st\.global\S*", ptx)
         assert stores and all(".v4." in store for store in stores), (str(tile), set(stores))
-        assert "ld.global.b16" not in ptx, str(tile)
+
+
+@pytest.mark.skipif(triton is None, reason="needs triton")
+def test_the_kernel_refuses_an_input_with_other_channels():
+    fused = FusedSeparable(SeparableConv2d(8, 16).eval(), relu_in=False, relu_out=False)
+    with pytest.raises(ValueError, match="expected 8 input channels, got 5"):
+        fused._triton(torch.randn(1, 5, 6, 6))

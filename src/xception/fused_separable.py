@@ -39,7 +39,8 @@ class FusedSeparable(nn.Module):
         self.relu_in, self.relu_out = relu_in, relu_out
         self.kernel_size, self.stride = spatial.kernel_size[0], spatial.stride[0]
         self.padding, self.dilation = spatial.padding[0], spatial.dilation[0]
-        # Tap-major, (k * k, C): a tap's weights for a slice of channels are one contiguous load.
+        # Tap-major, (k * k, C): a tap's weights for a slice of channels lie side by side,
+        # so neighbouring threads read neighbouring words.
         taps = spatial.weight.detach().flatten(1).t().contiguous()
         self.depthwise = nn.Parameter(taps, requires_grad=False)
         # The 1x1 weights as the right-hand matrix of the kernel's multiply: (C_in, C_out).
@@ -70,6 +71,8 @@ class FusedSeparable(nn.Module):
         """The kernel; ``tile`` fixes one of ``TILES`` instead of the fastest, which Triton
         picks by timing each on the first call per unit shape and dtype."""
         n, channels, height, width = x.shape
+        if channels != self.depthwise.shape[1]:
+            raise ValueError(f"expected {self.depthwise.shape[1]} input channels, got {channels}")
         span = (self.kernel_size - 1) * self.dilation + 1
         out_h = (height + 2 * self.padding - span) // self.stride + 1
         out_w = (width + 2 * self.padding - span) // self.stride + 1
@@ -153,13 +156,17 @@ if triton is not None:
         for m, n, w in ((64, 64, 4), (64, 64, 8), (128, 64, 8), (64, 128, 8))
     ]
 
+    # What one timing of the tiles holds for: the unit's shape and the kernel's variant.
+    UNIT_SHAPE = ["pixels", "channels", "out_w", "out_channels", "stride", "padding", "dilation"]
+    TIMED_PER = [*UNIT_SHAPE, "VEC", "KERNEL", "IEEE"]
+
     def _untimed_off_gpu(configs: list, named_args: dict, **kwargs) -> list:
         """Triton's interpreter (CPU tensors) cannot time tiles: it runs the first."""
         return configs if named_args["x_ptr"].is_cuda else configs[:1]
 
     @triton.autotune(
         configs=TILES,
-        key=["pixels", "channels", "out_w", "out_channels", "stride", "dilation"],
+        key=TIMED_PER,
         prune_configs_by={"early_config_prune": _untimed_off_gpu},
     )
     @triton.jit

@@ -49,7 +49,8 @@ def compile_for_training(model: nn.Module, device: torch.device) -> nn.Module:
     the backward pass, copies every depthwise convolution's input and gradient into another
     layout and back. Forcing its channels_last layout optimisation removes those copies:
     Xception at 128 px, batch 16, 524 -> 484 ms a step (``benchmarks/RESULTS.md``). GPUs keep
-    inductor's own layout heuristics.
+    inductor's own layout heuristics. ``xception bench`` compiles every contender's training
+    step with it, timm's included, so compiled contenders stay comparable.
     """
     options = {"force_layout_optimization": True} if device.type == "cpu" else None
     return torch.compile(model, dynamic=False, options=options)
