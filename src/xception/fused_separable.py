@@ -86,10 +86,8 @@ class FusedSeparable(nn.Module):
         pixels = n * out_h * out_w
 
         def grid(meta: dict) -> tuple[int]:
-            tiles = triton.cdiv(pixels, meta["BLOCK_M"]) * triton.cdiv(
-                out_channels, meta["BLOCK_N"]
-            )
-            return (tiles,)
+            pixel_tiles = triton.cdiv(pixels, meta["BLOCK_M"])
+            return (pixel_tiles * triton.cdiv(out_channels, meta["BLOCK_N"]),)
 
         bias = self.bias if self.bias is not None else self.pointwise  # unread when absent
         kernel = _separable_kernel if tile is None else _separable_kernel.fn
@@ -192,11 +190,8 @@ if triton is not None:
         # Every output-channel tile of a pixel tile recomputes its depthwise result from the
         # same input. Launched one after another, they run side by side and read that input
         # from L2 instead of each from memory.
-        channel_tiles = tl.cdiv(out_channels, BLOCK_N)
-        pixel_tile, channel_tile = (
-            tl.program_id(0) // channel_tiles,
-            tl.program_id(0) % channel_tiles,
-        )
+        tile, channel_tiles = tl.program_id(0), tl.cdiv(out_channels, BLOCK_N)
+        pixel_tile, channel_tile = tile // channel_tiles, tile % channel_tiles
         rows = pixel_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
         cols = channel_tile * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
         row_ok, col_ok = rows < pixels, cols < out_channels
