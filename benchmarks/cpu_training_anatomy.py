@@ -13,8 +13,6 @@ Run: ``OMP_NUM_THREADS=2 python benchmarks/cpu_training_anatomy.py``.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -24,9 +22,13 @@ from roofline import median_seconds  # a sibling script: run this file from anyw
 from torch.profiler import ProfilerActivity, profile
 
 from xception import create_model
+from xception.benchmarking import BenchConfig, time_steps, torch_step
 from xception.runtime import compile_for_training, keep_freed_memory
 
 BATCH, SIZE = 16, 128
+TRAIN = BenchConfig(
+    mode="train", batch_size=BATCH, image_size=SIZE, warmup=3, rounds=9, iterations=1
+)
 # (in channels, out channels, spatial size) of Xception's stride-1 1x1s at 128 px, entry and
 # middle flow (25 of the last kind).
 POINTWISE = [
@@ -45,16 +47,8 @@ def median_ms(fn: Callable[[], object]) -> float:
 
 
 def training_step(model: torch.nn.Module) -> Callable[[], None]:
-    x = torch.randn(BATCH, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
-    y = torch.zeros(BATCH, dtype=torch.long)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    """Forward, backward and SGD step, as ``xception bench --mode train`` times them."""
+    return torch_step(model, TRAIN, torch.device("cpu"), channels_last=True)
 
 
 def operator_kind(event) -> str:
@@ -128,19 +122,10 @@ def compiled_training() -> None:
             copy.deepcopy(eager), torch.device("cpu")
         ),
     }
-    steps = {name: training_step(model.train()) for name, model in variants.items()}
-    for step in steps.values():
-        for _ in range(3):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(9):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+    steps = {name: training_step(model) for name, model in variants.items()}
     print("\n4. training step, interleaved (median ms of 9)")
-    for name, values in times.items():
-        print(f"   {name:32s} {statistics.median(values) * 1e3:7.1f}")
+    for result in time_steps(steps, TRAIN):
+        print(f"   {result.name:32s} {result.median * 1e3:7.1f}")
 
 
 if __name__ == "__main__":

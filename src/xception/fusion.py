@@ -30,10 +30,10 @@ MICRO_BATCH_UNTIL_STRIDE = 16
 # on the project's CPU (32 MB of L3). With malloc keeping freed blocks (``runtime``), 9-26 MB
 # per micro-batch was best; with glibc's defaults, maps over ~12 MB are mapped afresh and
 # faulted in on every call (Xception at batch 8: 368 ms with two images per micro-batch,
-# 330 with one). 12 MB is
-# within 5% of the best micro-batch in both settings for every model here, while whole
-# batches of 8-32 were 17-61% slower for Xception and MobileNet and one image at a time
-# was 3x slower for xception_tiny (its per-image work cannot pay for the Python loop).
+# 330 with one). 12 MB is within 5% of the best micro-batch in both settings for every
+# model here, while whole batches of 8-32 were 17-61% slower for Xception and MobileNet and
+# one image at a time was 3x slower for xception_tiny (its per-image work cannot pay for
+# the Python loop).
 CACHE_BUDGET = 12 * 1024 * 1024
 
 
