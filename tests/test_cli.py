@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from xception import create_model
-from xception.cli import main, parse_override
+from xception.cli import key_value_dict, main
 
 
 def test_summary_prints_the_layer_table_and_totals(capsys):
@@ -39,7 +39,7 @@ def test_summary_applies_overrides_and_image_size(capsys):
     ("argv", "message"),
     [
         (["summary", "xceptoin"], "unknown model 'xceptoin'; known models:"),
-        (["summary", "xception", "--override", "groups=4"], "no option 'groups'"),
+        (["summary", "xception", "--override", "groups=4"], "unknown xception option 'groups'"),
         (["summary", "xception", "--override", "spatial_groups=16"], "spatial_groups=16"),
         (["summary", "xception", "--override", "residual"], "not of the form key=value"),
         (["summary", "xception", "--image-size", "64"], "H, W >= 71"),
@@ -51,10 +51,17 @@ def test_user_errors_are_one_line_with_exit_status_2(capsys, argv, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_parse_override_reads_python_literals_and_falls_back_to_strings():
-    assert parse_override("fc_layers=(4096, 4096)") == ("fc_layers", (4096, 4096))
-    assert parse_override("spatial_groups=None") == ("spatial_groups", None)
-    assert parse_override("mid_activation=elu") == ("mid_activation", "elu")
+def test_override_texts_become_the_config_fields_types():
+    from xception import model_config
+
+    texts = ["fc_layers=(4096, 4096)", "spatial_groups=None", "mid_activation=elu"]
+    texts += ["residual=False", "output_stride=16", "dropout=0.5", "middle_blocks=4"]
+    config = model_config("xception", **key_value_dict([texts]))
+    assert config.fc_layers == (4096, 4096) and config.spatial_groups is None
+    assert config.mid_activation == "elu" and config.residual is False
+    assert config.output_stride == 16 and config.dropout == 0.5 and config.middle_blocks == 4
+    assert model_config("xception", fc_layers="64,64").fc_layers == (64, 64)
+    assert model_config("xception", fc_layers="").fc_layers == ()
 
 
 def test_models_lists_every_registered_model(capsys):
@@ -76,9 +83,9 @@ def test_console_entry_point_and_module_run():
 
 
 def test_train_layout_flag_overrides_only_when_given():
-    from xception.cli import build_parser, train_overrides
+    from xception.cli import build_parser, train_options
 
     parse = build_parser().parse_args
-    assert "channels_last" not in train_overrides(parse(["train"]))
-    assert train_overrides(parse(["train", "--no-channels-last"]))["channels_last"] is False
-    assert train_overrides(parse(["train", "--channels-last"]))["channels_last"] is True
+    assert "channels_last" not in train_options(parse(["train"]))
+    assert train_options(parse(["train", "--no-channels-last"]))["channels_last"] is False
+    assert train_options(parse(["train", "--channels-last"]))["channels_last"] is True

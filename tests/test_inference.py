@@ -3,12 +3,17 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from xception.cli import main
-from xception.inference import evaluate_weights, predict_paths
-from xception.training.loop import train
-from xception.training.recipes import resolve
+from xception.data.transforms import normalize
+from xception.inference import Predictor, evaluate_weights, predict_paths, read_preprocessing
+from xception.registry import load_model
+from xception.training.config import resolve
+from xception.training.run import train
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +27,59 @@ def trained(tmp_path_factory, image_folder):
     return root, run / "best.safetensors"
 
 
-def test_eval_scores_the_val_split_and_writes_json(trained, tmp_path):
+def test_eval_scores_the_val_split_and_writes_json_only_when_asked(trained, tmp_path):
     root, weights = trained
-    metrics, path = evaluate_weights(weights, str(root), workers=0, output=str(tmp_path / "e.json"))
+    before = sorted(weights.parent.iterdir())
+    metrics = evaluate_weights(weights, str(root), workers=0)
+    again = evaluate_weights(weights, str(root), workers=0)  # a second run is no error
+    assert sorted(weights.parent.iterdir()) == before  # nothing written beside the weights
     assert metrics["images"] == 18 and 0 <= metrics["top1"] <= 1 <= metrics["top5"] + 1e-9
-    assert json.loads(path.read_text())["top1"] == metrics["top1"]
-    raw, _ = evaluate_weights(
-        weights, str(root), raw=True, workers=0, output=str(tmp_path / "r.json")
-    )
+    assert again["top1"] == metrics["top1"] and metrics["variant"] == "averaged"
+    out = tmp_path / "e.json"
+    written = evaluate_weights(weights, str(root), workers=0, json_path=out)
+    assert json.loads(out.read_text())["top1"] == written["top1"]
+    raw = evaluate_weights(weights, str(root), raw=True, workers=0)
     assert raw["variant"] == "raw"
+
+
+def test_eval_names_the_variant_of_a_file_without_averaging(trained, tmp_path):
+    root, weights = trained
+    model, metadata = load_model(weights)
+    from xception.weights import save_weights
+
+    single = tmp_path / "single.safetensors"
+    save_weights(model, single, metadata["model"], {**metadata, "averaged": False})
+    assert evaluate_weights(single, str(root), workers=0)["variant"] == "single"
+    with pytest.raises(ValueError, match="holds no raw weights"):
+        evaluate_weights(single, str(root), raw=True, workers=0)
+
+
+def test_eval_command_runs_twice_and_writes_json_only_with_the_flag(trained, tmp_path, capsys):
+    root, weights = trained
+    argv = ["eval", "--weights", str(weights), "--data", str(root), "--workers", "0"]
+    before = sorted(weights.parent.iterdir())
+    assert main(argv) == 0 and main(argv) == 0
+    assert sorted(weights.parent.iterdir()) == before
+    assert "top1" in capsys.readouterr().out
+    out = tmp_path / "metrics.json"
+    assert main([*argv, "--json", str(out)]) == 0
+    assert main([*argv, "--json", str(out)]) == 2  # never over a file unless --overwrite
+    assert main([*argv, "--json", str(out), "--overwrite", "--amp", "bf16"]) == 0
+    assert json.loads(out.read_text())["images"] == 18
+
+
+def test_bf16_autocast_agrees_with_float32(trained):
+    root, weights = trained
+    images = sorted((root / "val").rglob("*.png"))
+    full = Predictor.load(weights, device="cpu").predict(images, top_k=1)
+    half = Predictor.load(weights, device="cpu", amp="bf16").predict(images, top_k=1)
+    agree = sum(
+        a["predictions"][0]["class"] == b["predictions"][0]["class"]
+        for a, b in zip(full, half, strict=True)
+    )
+    assert agree >= len(images) - 1
+    for a, b in zip(full, half, strict=True):
+        assert abs(a["predictions"][0]["probability"] - b["predictions"][0]["probability"]) < 0.05
 
 
 def test_eval_refuses_data_with_other_classes(trained, tmp_path):
@@ -52,22 +101,46 @@ def test_predict_ranks_classes_and_reports_bad_files(trained, tmp_path, capsys):
     good = [row for row in rows if "predictions" in row]
     assert all(len(row["predictions"]) == 2 for row in good)
     assert all(abs(sum(p["probability"] for p in row["predictions"]) - 1) < 0.5 for row in good)
-    assert (
-        main(
-            [
-                "predict",
-                "--weights",
-                str(weights),
-                "--format",
-                "json",
-                str(root / "val" / "blue" / "0.png"),
-            ]
-        )
-        == 0
-    )
+    image = str(root / "val" / "blue" / "0.png")
+    assert main(["predict", "--weights", str(weights), "--format", "json", image]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out[0]["predictions"][0]["class"] in {"red", "green", "blue"}
     assert main(["predict", "--weights", str(weights), str(bad)]) == 1
+
+
+def test_predict_takes_pil_images_and_tensors_like_files(trained):
+    import xception
+
+    root, weights = trained
+    path = root / "val" / "green" / "1.png"
+    from_file = xception.predict(weights, path, top_k=3)[0]["predictions"]
+    pil = Image.open(path)
+    from_pil = xception.predict(weights, pil.convert("RGBA"), top_k=3)[0]["predictions"]
+    pixels = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+    batch = xception.predict(weights, torch.stack([pixels, pixels]), top_k=3)
+    assert len(batch) == 2 and batch[0]["path"] == "<image 0>"
+    as_float = xception.predict(weights, pixels.float() / 255, top_k=3)[0]["predictions"]
+    for rows in (from_pil, batch[1]["predictions"], as_float):
+        assert [p["class"] for p in rows] == [p["class"] for p in from_file]
+        for p, q in zip(rows, from_file, strict=True):
+            assert p["probability"] == pytest.approx(q["probability"], abs=1e-5)
+    with pytest.raises(ValueError, match=r"shape \(C, H, W\)"):
+        xception.predict(weights, torch.zeros(5, 8, 8))
+
+
+def test_preprocessing_gives_the_transform_the_model_expects(trained):
+    import xception
+
+    root, weights = trained
+    transform = xception.preprocessing(weights)
+    model, _ = load_model(weights)
+    path = root / "val" / "red" / "2.png"
+    x = transform(Image.open(path))
+    assert x.shape == (3, 72, 72) and x.dtype == torch.float32 and -1 <= x.min() <= x.max() <= 1
+    with torch.no_grad():
+        probs = torch.softmax(model.eval()(x.unsqueeze(0)), dim=1)[0]
+    top = xception.predict(weights, path, top_k=1)[0]["predictions"][0]
+    assert probs.max().item() == pytest.approx(top["probability"], abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -76,10 +149,15 @@ def test_predict_ranks_classes_and_reports_bad_files(trained, tmp_path, capsys):
         (["eval", "--weights", "nope.safetensors"], "weights file not found"),
         (["predict", "--weights", "nope.safetensors", "x.png"], "weights file not found"),
         (["train", "--data", "/nonexistent"], "data folder not found"),
-        (["train", "--recipe", "fast"], "unknown recipe 'fast'"),
+        (["train", "--recipe", "fast"], "invalid choice: 'fast'"),
         (["train", "--set", "learning_rate=1"], "unknown training option 'learning_rate'"),
         (["train", "--epochs", "0"], "epochs=0 must be positive"),
+        (["train", "--epochs", "ten"], "TrainConfig.epochs='ten' is not int"),
+        (["train", "--device", "gpu"], "device='gpu' is not auto"),
+        (["eval", "--weights", "w.safetensors", "--device", "cuda:x"], "device='cuda:x'"),
+        (["train", "--override", "mid_activation=tanh"], "mid_activation='tanh' is not one"),
         (["train", "--resume", "/nonexistent"], "nothing to resume"),
+        (["bogus"], "invalid choice: 'bogus'"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(argv, message, capsys):
@@ -108,6 +186,9 @@ def test_predict_runs_an_onnx_export_like_the_weights(trained, tmp_path):
         for p, q in zip(a["predictions"], b["predictions"], strict=True):
             assert abs(p["probability"] - q["probability"]) < 1e-4
     assert main(["export", "--weights", str(weights), "--out", str(onnx_file)]) == 2  # exists
+    import xception
+
+    assert xception.preprocessing(onnx_file).pre == xception.preprocessing(weights).pre
 
 
 def test_eval_never_overwrites_an_existing_file(trained, tmp_path):
@@ -115,7 +196,7 @@ def test_eval_never_overwrites_an_existing_file(trained, tmp_path):
     keep = tmp_path / "keep.json"
     keep.write_text("mine")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        evaluate_weights(weights, str(root), workers=0, output=str(keep))
+        evaluate_weights(weights, str(root), workers=0, json_path=str(keep))
     assert keep.read_text() == "mine"
 
 
@@ -135,15 +216,10 @@ def test_notop_files_give_no_predictions(tmp_path):
 
 
 def test_predict_and_eval_use_the_folded_channels_last_model_and_match_eager(trained):
-    import torch
-
     from xception.data.loaders import single_images
-    from xception.data.transforms import normalize
-    from xception.inference import _load, _preprocessing
-    from xception.weights import load_model
 
     root, weights = trained
-    fast = _load(weights, raw=False, device="cpu")[0]
+    fast = Predictor.load(weights, device="cpu").model
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
     convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1]
     assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
@@ -151,7 +227,7 @@ def test_predict_and_eval_use_the_folded_channels_last_model_and_match_eager(tra
     paths = sorted(p for p in (root / "val").rglob("*") if p.is_file())[:6]
     rows, failures = predict_paths(weights, paths, top_k=3)
     eager, metadata = load_model(weights)
-    pre = _preprocessing(metadata, weights)
+    pre = read_preprocessing(metadata, weights)
     images = torch.stack([image for _, image in single_images(paths, pre)])
     with torch.no_grad():
         probs = torch.softmax(eager.eval()(normalize(images, pre, torch.float32)), dim=1)

@@ -1,12 +1,13 @@
-"""The registry: names, overrides, weight files, and every model under compile/export."""
+"""The registry: names, overrides, models built from weight files (whose recorded
+architecture is authoritative), and every model under compile/export."""
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import xception
 from xception.registry import get_entry
-from xception.weights import load_weights, read_metadata, save_weights
+from xception.weights import save_weights
 
 PAPER_COUNTS = {
     "xception": 22_855_952,
@@ -44,7 +45,7 @@ def test_unknown_name_lists_the_known_ones():
 
 
 def test_unknown_override_lists_the_options():
-    with pytest.raises(ValueError, match=r"no option 'residuals'.*residual"):
+    with pytest.raises(ValueError, match=r"unknown xception option 'residuals'.*residual"):
         xception.create_model("xception", residuals=False)
 
 
@@ -54,51 +55,103 @@ def test_num_classes_and_overrides_reach_the_config():
     assert model.num_classes == 10
 
 
-def test_weights_round_trip_through_a_safetensors_file(tmp_path):
+def test_a_weights_file_builds_the_network_it_records(tmp_path):
+    """Files converted from timm record symmetric padding and BN epsilon 1e-5: loading
+    one by its model name must not build the registry's TF padding and 1e-3 instead."""
     torch.manual_seed(0)
-    model = xception.create_model("xception_tiny", num_classes=5).eval()
-    path = tmp_path / "w.safetensors"
-    save_weights(model, path, "xception_tiny", {"classes": ["a", "b", "c", "d", "e"]})
-    loaded = xception.create_model("xception_tiny", num_classes=5, weights=path).eval()
-    x = torch.randn(2, 3, 71, 71)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
-    meta = read_metadata(path)
-    assert meta["model"] == "xception_tiny" and meta["config"]["num_classes"] == 5
-    assert meta["classes"] == ["a", "b", "c", "d", "e"]
-    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left nothing behind
-
-
-def test_mismatched_weights_name_the_first_offending_tensor(tmp_path):
-    path = tmp_path / "w.safetensors"
-    save_weights(xception.create_model("xception_tiny", num_classes=5), path, "xception_tiny")
-    target = xception.create_model("xception_tiny", num_classes=7)
-    before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(
-        ValueError, match=r"head.classifier.weight has shape \(5, 512\).*\(7, 512\)"
+    saved = xception.create_model("xception_tiny", padding="symmetric", bn_eps=1e-5).eval()
+    randomise_batchnorm(saved)
+    path = tmp_path / "timm_style.safetensors"
+    save_weights(saved, path, "xception_tiny")
+    x = torch.randn(2, 3, 75, 75)
+    for loaded in (
+        xception.create_model("xception_tiny", weights=path),
+        xception.create_model(weights=path),
+        xception.load_model(path)[0],
     ):
-        load_weights(target, path)
-    assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())
-    state = load_file(path)
-    del state["entry_flow.block2.shortcut.conv.weight"]
-    save_file(state, path)
-    with pytest.raises(ValueError, match=r"lacks entry_flow.block2.shortcut.conv.weight \(expe"):
-        xception.create_model("xception_tiny", num_classes=5, weights=path)
+        assert loaded.config == saved.config
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(x), saved(x), rtol=0, atol=0)
 
 
-def test_missing_or_corrupt_weight_files_fail_cleanly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="weights file not found"):
-        xception.create_model("xception_tiny", weights=tmp_path / "nope.safetensors")
-    corrupt = tmp_path / "corrupt.safetensors"
-    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
-        xception.create_model("xception_tiny", weights=corrupt)
-    good = tmp_path / "good.safetensors"
-    save_weights(xception.create_model("xception_tiny"), good, "xception_tiny")
-    truncated = tmp_path / "truncated.safetensors"
-    truncated.write_bytes(good.read_bytes()[:-1000])
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
-        xception.create_model("xception_tiny", weights=truncated)
+def randomise_batchnorm(model):
+    """Real statistics, so that a wrong epsilon or padding changes the outputs visibly."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            shape = module.running_var.shape
+            module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(shape, generator=generator) * 1e-3 + 1e-4)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("xception_tiny", {"padding": "tf"}, r"saved with padding='symmetric'; padding='tf'"),
+        ("xception_tiny", {"bn_eps": 1e-3}, r"saved with bn_eps=1e-05; bn_eps=0.001"),
+        ("xception_tiny", {"global_pool": "max"}, r"global_pool='avg'; global_pool='max'"),
+        ("xception_tiny", {"residual": False}, r"residual=True; residual=False"),
+        ("xception", {}, r"holds xception_tiny with middle_blocks=2; xception has middle_blocks=8"),
+        ("inception_v3", {}, r"holds xception_tiny weights, which inception_v3 cannot take"),
+        ("xception_tiny", {"num_classes": 10}, r"has 1000 classes, not num_classes=10"),
+        ("xception_tiny", {"mid_activation": "tanh"}, r"mid_activation='tanh' is not one of"),
+        ("xception_tiny", {"depth": 3}, r"unknown XceptionConfig option 'depth'"),
+    ],
+)
+def test_what_would_change_a_files_function_fails_naming_both_values(
+    tmp_path, name, overrides, message
+):
+    path = tmp_path / "w.safetensors"
+    saved = xception.create_model("xception_tiny", padding="symmetric", bn_eps=1e-5)
+    save_weights(saved, path, "xception_tiny")
+    with pytest.raises(ValueError, match=message):
+        xception.create_model(name, weights=path, **overrides)
+
+
+def test_training_settings_may_differ_from_the_files(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_weights(xception.create_model("xception_tiny"), path, "xception_tiny")
+    model = xception.create_model(
+        "xception_tiny", weights=path, dropout=0.5, bn_momentum=0.1, image_size=128
+    )
+    assert (model.config.dropout, model.config.bn_momentum, model.config.image_size) == (
+        0.5,
+        0.1,
+        128,
+    )
+    backbone = xception.create_model(weights=path, features_only=True, output_stride=16)
+    assert backbone.reductions[-1] == 16
+
+
+def test_plain_safetensors_files_load_into_the_named_model(tmp_path):
+    model = xception.create_model("xception_tiny", num_classes=3)
+    path = tmp_path / "plain.safetensors"
+    save_file(model.state_dict(), path)
+    loaded = xception.create_model("xception_tiny", num_classes=3, weights=path)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+    with pytest.raises(ValueError, match=r"not an xception weights file.*pass the model name"):
+        xception.load_model(path)
+
+
+def test_files_recording_unknown_models_or_configs_fail_cleanly(tmp_path):
+    model = xception.create_model("xception_tiny")
+    path = tmp_path / "w.safetensors"
+    save_weights(model, path, "xception_huge")
+    with pytest.raises(ValueError, match="records model 'xception_huge', which this version"):
+        xception.load_model(path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(
+        state,
+        path,
+        metadata={"format": "xception", "model": "xception_tiny", "config": '{"depth": 2}'},
+    )
+    with pytest.raises(
+        ValueError, match=r"records an invalid config: unknown xception_tiny option 'depth'"
+    ):
+        xception.load_model(path)
 
 
 SMALL = {"xception_tiny": 71, "inception_v3": 75, "mobilenet_v1_025": 32}

@@ -1,8 +1,37 @@
-"""Xception (Chollet, CVPR 2017) in PyTorch, with Inception V3 and MobileNet V1."""
+"""Xception (Chollet, CVPR 2017) in PyTorch, with Inception V3 and MobileNet V1.
+
+The Python API mirrors the ``xception`` command: ``train``, ``evaluate``, ``predict``,
+``export``, ``convert``, and ``preprocessing(weights)`` for a file's input transform;
+``create_model`` builds any registered model, from a weights file too.
+"""
+
+__version__ = "0.1.0"
 
 from xception import models as _models  # noqa: F401  (registers the models)
+from xception.api import (
+    Predictor,
+    convert,
+    evaluate,
+    export,
+    predict,
+    preprocessing,
+    train,
+)
 from xception.layers import SeparableConv2d
-from xception.registry import create_model, list_models, model_config
+from xception.registry import create_model, list_models, load_model, model_config
 
-__all__ = ["SeparableConv2d", "create_model", "list_models", "model_config"]
-__version__ = "0.1.0"
+__all__ = [
+    "Predictor",
+    "SeparableConv2d",
+    "__version__",
+    "convert",
+    "create_model",
+    "evaluate",
+    "export",
+    "list_models",
+    "load_model",
+    "model_config",
+    "predict",
+    "preprocessing",
+    "train",
+]

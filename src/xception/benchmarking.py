@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from xception.devices import autocast
 from xception.fusion import inference_model
-from xception.precision import autocast
 from xception.registry import create_model
 from xception.runtime import compile_for_training, keep_freed_memory
 
@@ -154,7 +154,7 @@ def contender(
 
 
 def _onnxruntime_step(model_name: str, config: BenchConfig) -> Callable[[], None]:
-    from xception.export import export_onnx, load_onnx_session
+    from xception.exporting import export_onnx, load_onnx_session
     from xception.weights import save_weights
 
     folder = Path(tempfile.mkdtemp(prefix="xception-bench-"))

@@ -1,21 +1,43 @@
-"""The ``xception`` command: parses, calls the library, prints. User errors end with one
-line on stderr and exit status 2, never a traceback."""
+"""The ``xception`` command: parses, calls the library (``xception.api``), prints. User
+errors end with one line on stderr and exit status 2, never a traceback."""
 
 from __future__ import annotations
 
 import argparse
-import ast
+import dataclasses
 import shlex
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import torch
+
+import xception
+from xception import api
+from xception.config import choices
+from xception.devices import AMP_CHOICES, DEVICE_HELP, check_device_name
 from xception.registry import create_model, get_entry, list_models
 from xception.runtime import keep_freed_memory
 from xception.summary import count_macs, format_summary, summarize
-from xception.training.loop import TrainingError, resolve_device
-from xception.weights import atomic_write
+from xception.training.config import GROUPS, TrainConfig
+from xception.training.recipes import RECIPES
+from xception.training.trainer import TrainingError
+
+DESCRIPTION = """\
+Xception (F. Chollet, "Xception: Deep Learning with Depthwise Separable Convolutions",
+CVPR 2017) in PyTorch: the paper's model and its design space, Inception V3 and MobileNet
+V1. Train with the paper's recipes, evaluate, predict, convert Keras and timm weights,
+export to ONNX and torch.export, benchmark, and rerun the paper's experiments."""
+EPILOG = """examples:
+  xception train                               # xception_tiny on the built-in data set
+  xception train --data ~/flowers --model xception --recipe paper-imagenet
+  xception predict --weights runs/.../best.safetensors photo.jpg
+  xception summary xception
+
+`xception COMMAND --help` lists a command's options."""
+DEFAULT_RECIPE = "quick"
 
 # ImportError: an optional extra (onnx, h5py) is missing; its message says what to install.
 USER_ERRORS = (
@@ -30,21 +52,123 @@ USER_ERRORS = (
 )
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with a Python literal value (``8``, ``False``, ``(4096, 4096)``,
-    ``None``); anything else is taken as a string (``mid_activation=relu``)."""
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, as every other error of the tool."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def device_name(text: str) -> str:
+    try:
+        return check_device_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``key=value``; the config the key belongs to reads the value as its field's type
+    (``8``, ``False``, ``None``, ``4096,4096``, ``relu``)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise ValueError(f"override {text!r} is not of the form key=value")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+    return key, value
 
 
-def key_value_dict(groups: list[list[str]] | None) -> dict[str, Any]:
+def key_value_dict(groups: list[list[str]] | None) -> dict[str, str]:
     """The values of a repeatable ``KEY=VALUE ...`` option as one mapping."""
     return dict(parse_override(item) for group in groups or [] for item in group)
+
+
+def key_values(parser: Any, flag: str, help: str) -> None:
+    """A repeatable ``--flag KEY=VALUE ...`` option (see ``parse_override``)."""
+    parser.add_argument(flag, nargs="+", action="append", metavar="KEY=VALUE", help=help)
+
+
+def add_hardware(parser: argparse.ArgumentParser, amp: bool = True) -> None:
+    """``--device``, ``--amp`` and ``--channels-last``, with the same defaults everywhere."""
+    parser.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
+    if amp:
+        parser.add_argument("--amp", choices=AMP_CHOICES, default="none", help="mixed precision")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC activations (default; oneDNN and tensor cores run them fastest)",
+    )
+
+
+# ------------------------------------------------------------------------ train's flags
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "none" if value is None else str(value)
+
+
+def _flag_help(field: dataclasses.Field) -> str:
+    default = field.default
+    text = f"{field.metadata['help']} (default: {_shown(default)}"
+    recipe = RECIPES[DEFAULT_RECIPE]
+    if field.name in recipe and recipe[field.name] != default:
+        text += f"; {DEFAULT_RECIPE}: {_shown(recipe[field.name])}"
+    return text.replace("%", "%%") + ")"
+
+
+def _metavar(hint: Any) -> str | None:
+    options = typing.get_args(hint) or (hint,)
+    for kind, name in ((int, "N"), (float, "X")):
+        if kind in options:
+            return name
+    return None  # argparse's: the option's name in capitals
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``TrainConfig`` field, in its group, with its help and default.
+    Values stay text until the config reads them as their field's type."""
+    groups = {name: parser.add_argument_group(f"{name} options") for name in GROUPS}
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        group, hint, flag = groups[field.metadata["group"]], hints[field.name], field.name
+        if field.name == "model_overrides":
+            recipe = RECIPES[DEFAULT_RECIPE].get(field.name, {})
+            merged = " ".join(f"{key}={value}" for key, value in recipe.items())
+            help = (
+                f"{field.metadata['help']}, merged over the recipe's ({DEFAULT_RECIPE}: {merged})"
+            )
+            key_values(group, "--override", help)
+            continue
+        names = ["--" + flag.replace("_", "-")]
+        if hint is bool:
+            group.add_argument(
+                *names, action=argparse.BooleanOptionalAction, help=_flag_help(field)
+            )
+            continue
+        literal = choices(hint)
+        group.add_argument(
+            *names,
+            choices=[str(choice) for choice in literal] if literal else None,
+            metavar=None if literal else _metavar(hint),
+            help=_flag_help(field),
+        )
+
+
+def train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options given on the command line (a flag not given leaves the
+    recipe's or YAML's value standing)."""
+    values = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(TrainConfig)
+        if getattr(args, field.name, None) is not None
+    }
+    values.update(key_value_dict(args.set))
+    if args.override:
+        values["model_overrides"] = key_value_dict(args.override)
+    return values
+
+
+# ---------------------------------------------------------------------------- commands
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -73,65 +197,22 @@ def cmd_models(args: argparse.Namespace) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)), row[4])
 
 
-# train flags -> TrainConfig fields (None: not given, so the recipe/YAML value stands)
-TRAIN_FLAGS = {
-    "data": str,
-    "model": str,
-    "epochs": int,
-    "batch_size": int,
-    "image_size": int,
-    "lr": float,
-    "device": str,
-    "amp": str,
-    "seed": int,
-    "workers": int,
-    "save_every": int,
-    "max_steps": int,
-    "channels_last": bool,
-}
-
-
-def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    values = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
-    for flag in ("compile", "multi_label"):
-        if getattr(args, flag):
-            values[flag] = True
-    values.update(key_value_dict(args.set))
-    if args.override:
-        values["model_overrides"] = key_value_dict(args.override)
-    return values
-
-
 def cmd_train(args: argparse.Namespace) -> None:
-    from xception.training.loop import resume, train
-    from xception.training.recipes import load_yaml, resolve
-
-    if args.resume is not None:
-        if args.config or args.recipe or args.out or args.overwrite:
-            raise ValueError(
-                "--resume continues a run as configured; drop --config, "
-                "--recipe, --out and --overwrite"
-            )
-        result = resume(Path(args.resume), train_overrides(args), progress=not args.quiet)
-    else:
-        yaml_values = load_yaml(args.config) if args.config else {}
-        recipe = args.recipe or yaml_values.pop("recipe", None) or "quick"
-        config = resolve(recipe, yaml_values, train_overrides(args))
-        result = train(
-            config,
-            recipe,
-            Path(args.out) if args.out else None,
-            args.overwrite,
-            progress=not args.quiet,
-        )
-    if result.run_dir is None:
-        return
-    metrics = result.metrics
-    score = ", ".join(
-        f"{k} {metrics[k]:.4f}"
-        for k in ("val_top1", "val_top5", "val_map100", "val_raw_top1")
-        if k in metrics
+    keep_freed_memory()
+    result = api.train(
+        args.recipe,
+        config=args.config,
+        out=args.out,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.quiet,
+        **train_options(args),
     )
+    if result.run_dir is None:  # a torchrun rank that does not write
+        return
+    metrics, first = result.metrics, result.primary_metric
+    keys = [first, *(k for k in ("val_top5", "val_raw_top1", "val_loss") if k != first)]
+    score = ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
     print(f"done in {result.wall_time:.0f} s ({result.images_per_second:.0f} images/s): {score}")
     print(f"run folder: {result.run_dir}")
     print(
@@ -142,79 +223,79 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from xception.inference import evaluate_weights
-
-    metrics, path = evaluate_weights(
-        Path(args.weights),
+    keep_freed_memory()
+    metrics = api.evaluate(
+        args.weights,
         args.data,
         raw=args.raw,
         batch_size=args.batch_size,
         device=args.device,
         workers=args.workers,
-        output=args.json,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        json_path=args.json,
         overwrite=args.overwrite,
     )
     for key, value in metrics.items():
         print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
-    print(f"written to {path}")
+    if args.json:
+        print(f"written to {args.json}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from xception.inference import format_predictions, predict_paths
+    from xception.inference import format_predictions
 
-    rows, failures = predict_paths(
-        Path(args.weights),
-        [Path(p) for p in args.images],
-        top_k=args.top_k,
-        raw=args.raw,
-        device=args.device,
+    keep_freed_memory()
+    predictor = api.Predictor.load(
+        args.weights, args.raw, args.device, args.amp, args.channels_last
     )
+    rows = predictor.predict(args.images, top_k=args.top_k)
     print(format_predictions(rows, args.format))
-    return 1 if failures else 0
+    return 1 if any("error" in row for row in rows) else 0
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    if args.source_format == "keras":
-        from xception.interop.keras import convert_keras as convert
-    else:
-        from xception.interop.timm import convert_timm as convert
-    convert(Path(args.source), args.model, out, include_top=not args.notop)
+    out = api.convert(
+        args.source,
+        args.out,
+        model=args.model,
+        source_format=args.source_format,
+        include_top=not args.notop,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {out}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from xception.export import export_onnx, export_program
-
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    if args.format == "onnx":
-        export_onnx(Path(args.weights), out, dynamic_size=args.dynamic_size, raw=args.raw)
-    else:
-        export_program(Path(args.weights), out, raw=args.raw)
+    out = api.export(
+        args.weights,
+        args.out,
+        format=args.format,
+        dynamic_size=args.dynamic_size,
+        raw=args.raw,
+        overwrite=args.overwrite,
+    )
     print(f"wrote {out}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     import json
 
-    import torch
-
     from xception.benchmarking import BenchConfig, format_table, run, to_json
+    from xception.devices import resolve_device
+    from xception.files import write_text
 
     if args.json and Path(args.json).exists():
         raise FileExistsError(f"{args.json} exists; choose another --json path")
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    resolve_device(args.device)  # fails clearly when CUDA is asked for and absent
+    device = resolve_device(args.device)
     config = BenchConfig(
         mode=args.mode,
         batch_size=args.batch_size,
         image_size=args.image_size,
-        device=args.device,
+        device=str(device),
         amp=args.amp,
         channels_last=args.channels_last,
         compile=args.compile,
@@ -226,13 +307,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     results = run(specs, args.model, config, progress=lambda m: print(m, file=sys.stderr))
     print(
         f"{args.model}, {args.mode}, batch {args.batch_size}, {args.image_size}px, "
-        f"{args.device}, amp {args.amp}, channels_last {args.channels_last}, "
+        f"{device}, amp {args.amp}, channels_last {args.channels_last}, "
         f"compile {args.compile}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     print(format_table(results, config, args.baseline))
     if args.json:
-        text = json.dumps(to_json(results, config, args.model, args.baseline), indent=2)
-        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(text))
+        payload = to_json(results, config, args.model, args.baseline)
+        write_text(args.json, json.dumps(payload, indent=2))
 
 
 def list_experiments() -> None:
@@ -253,6 +334,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     if args.list or args.experiment is None:
         list_experiments()
         return
+    keep_freed_memory()
     plan = Plan(
         args.experiment,
         args.scale,
@@ -267,14 +349,24 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     print(f"results: {out / 'results.json'}")
 
 
-def key_values(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
-    """A repeatable ``--flag KEY=VALUE ...`` option (see ``parse_override``)."""
-    parser.add_argument(flag, nargs="+", action="append", metavar="KEY=VALUE", help=help)
+# ----------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xception", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(
+        prog="xception",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"xception {xception.__version__} (torch {torch.__version__})",
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
+    )
 
     summary = commands.add_parser("summary", help="layer table, parameters, multiply-adds")
     summary.add_argument("model", metavar="MODEL", help=f"one of: {', '.join(list_models())}")
@@ -291,39 +383,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model (default: xception_tiny on the built-in data set)",
         description="Train on an image folder (ROOT/train/<class>, ROOT/val/<class>; or "
         "train.csv/val.csv manifests for multi-label data) or, without --data, on the "
-        "built-in procedurally rendered data set. Under torchrun it trains with DDP.",
+        "built-in procedurally rendered data set. Under torchrun it trains with DDP. "
+        "Options layer as: defaults < --recipe < --config < flags; each option shows "
+        f"its default and, where it differs, the value of the {DEFAULT_RECIPE} recipe "
+        "(the default recipe).",
     )
-    train.add_argument("--data", help="data folder (default: the built-in data set)")
-    train.add_argument("--model", help="model name (see `xception models`)")
-    train.add_argument("--recipe", help="quick (default), paper-imagenet or paper-jft")
-    train.add_argument("--config", help="YAML file of training options")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    train.add_argument("--batch-size", type=int, help="global batch (split across processes)")
-    train.add_argument("--image-size", type=int)
-    train.add_argument("--lr", type=float, help="learning rate")
-    train.add_argument("--out", help="run folder (default: runs/<model>-<timestamp>)")
-    train.add_argument("--resume", metavar="PATH", help="continue the run in this folder")
-    train.add_argument("--overwrite", action="store_true", help="replace a run in --out")
-    train.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    train.add_argument("--amp", choices=("none", "bf16", "fp16"))
-    train.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        help="NHWC activations (the default: 1.4-1.7x faster training on a CPU)",
+    run_group = train.add_argument_group("run options")
+    run_group.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        help=f"preset of options: {', '.join(RECIPES)} (default: {DEFAULT_RECIPE})",
     )
-    train.add_argument("--compile", action="store_true", help="torch.compile the model")
-    train.add_argument(
-        "--multi-label",
-        action="store_true",
-        help="built-in data set in its multi-label (JFT-like) mode",
+    run_group.add_argument("--config", metavar="YAML", help="YAML file of training options")
+    key_values(run_group, "--set", "any training option by its name, e.g. weight_decay=4e-5")
+    run_group.add_argument("--out", help="run folder (default: runs/<model>-<timestamp>)")
+    run_group.add_argument("--resume", metavar="PATH", help="continue the run in this folder")
+    run_group.add_argument("--overwrite", action="store_true", help="replace a run in --out")
+    run_group.add_argument(
+        "--quiet", action="store_true", help="no progress (a bar on a terminal, lines elsewhere)"
     )
-    train.add_argument("--seed", type=int)
-    train.add_argument("--workers", type=int, help="data loading processes")
-    train.add_argument("--save-every", type=int, metavar="STEPS")
-    key_values(train, "--set", "any training option, e.g. weight_decay=4e-5 ema_decay=0")
-    key_values(train, "--override", "model config fields, e.g. residual=False")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(train)
     train.set_defaults(run=cmd_train)
 
     evaluate = commands.add_parser("eval", help="top-1/top-5 (or MAP@100) of a weights file")
@@ -331,24 +410,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="data folder (default: the built-in data set)")
     evaluate.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
     evaluate.add_argument("--batch-size", type=int, default=128)
-    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    evaluate.add_argument("--workers", type=int, default=2)
-    evaluate.add_argument("--json", help="where to write the metrics (default: beside weights)")
+    evaluate.add_argument("--workers", type=int, default=2, help="data loading processes")
+    add_hardware(evaluate)
+    evaluate.add_argument("--json", metavar="PATH", help="also write the metrics here")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --json")
     evaluate.set_defaults(run=cmd_eval)
 
     predict = commands.add_parser("predict", help="top-k classes of images")
     predict.add_argument("images", nargs="+", metavar="IMAGE|DIR")
-    predict.add_argument("--weights", required=True)
+    predict.add_argument("--weights", required=True, help="weights file or ONNX export")
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--format", choices=("table", "json", "csv"), default="table")
     predict.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
-    predict.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_hardware(predict)
     predict.set_defaults(run=cmd_predict)
 
     convert = commands.add_parser("convert", help="Keras or timm/Cadene weights -> ours")
     convert.add_argument("source", metavar="SRC", help=".h5 / .weights.h5 / .pth / .safetensors")
-    convert.add_argument("--from", dest="source_format", required=True, choices=("keras", "timm"))
+    convert.add_argument(
+        "--from",
+        dest="source_format",
+        choices=("keras", "timm"),
+        help="the source's library (default: keras for .h5 files, timm otherwise)",
+    )
     convert.add_argument("--model", required=True, help="xception, inception_v3, mobilenet_v1...")
     convert.add_argument("--out", required=True, help="output .safetensors file")
     convert.add_argument("--notop", action="store_true", help="the file has no classifier")
@@ -393,10 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--baseline", help="contender the ratios refer to (default: first)")
     bench.add_argument("--batch-size", type=int, default=8)
     bench.add_argument("--image-size", type=int, default=299)
-    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    bench.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    bench.add_argument("--channels-last", action="store_true")
-    bench.add_argument("--compile", action="store_true")
+    add_hardware(bench)
+    bench.add_argument("--compile", action="store_true", help="torch.compile ours and timm:")
     bench.add_argument("--threads", type=int, help="torch CPU threads")
     bench.add_argument("--rounds", type=int, default=7)
     bench.add_argument(
@@ -420,18 +502,21 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--seeds", type=int, default=1, help="runs of each arm (default 1)")
     reproduce.add_argument("--data", help="image folder (default: the built-in data set)")
     reproduce.add_argument("--out", help="folder (default: reproductions/EXPERIMENT-SCALE)")
-    reproduce.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    reproduce.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
     key_values(reproduce, "--set", "training option for every arm, e.g. epochs=4 workers=0")
-    reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress")
     reproduce.set_defaults(run=cmd_reproduce)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command in ``argv`` (default: the process's); the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version and usage errors: argparse has printed
+        return stop.code if isinstance(stop.code, int) else 2
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for reports that quote it
-    keep_freed_memory()
     run: Callable[[argparse.Namespace], int | None] = args.run
     try:
         return run(args) or 0

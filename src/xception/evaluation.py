@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xception.devices import autocast, model_input
+from xception.distributed import all_gather_cat, all_reduce_sum
+
 __all__ = [
     "ClassificationMeter",
     "average_precision_at_k",
@@ -24,8 +27,15 @@ __all__ = [
     "evaluate",
     "map_at_k",
     "mean_average_precision",
+    "primary_metric",
     "topk_correct",
 ]
+
+
+def primary_metric(multi_label: bool) -> str:
+    """The metric that ranks models and picks ``best``: class-weighted MAP@100 on
+    multi-label data (the paper's JFT protocol), top-1 accuracy otherwise."""
+    return "map100" if multi_label else "top1"
 
 
 def _topk_hits(logits: Tensor, targets: Tensor, ks: Sequence[int]) -> Tensor:
@@ -243,10 +253,6 @@ def evaluate(
     weighted when ``class_weights`` is given), ``map100_unweighted``, ``map``, ``loss``.
     Returns the metrics and the unreadable files that were skipped.
     """
-    from xception.data.transforms import normalize
-    from xception.precision import autocast
-    from xception.training.distributed import all_gather_cat, all_reduce_sum
-
     was_training = model.training
     model.eval()
     meter = ClassificationMeter(device)
@@ -256,9 +262,7 @@ def evaluate(
         skipped += batch.skipped
         if batch.images.shape[0] == 0:
             continue
-        x = normalize(batch.images.to(device, non_blocking=True), pre, torch.float32)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = model_input(batch.images, pre, device, channels_last)
         y = batch.targets.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x).float()

@@ -1,85 +1,222 @@
 """``xception eval`` and ``xception predict`` on self-describing weight files: the file
-says which architecture, classes and preprocessing it needs, so users pass only paths."""
+says which architecture, classes and preprocessing it needs, so users pass only paths.
+
+Both run the fast inference path of ``fusion.py`` (BatchNorm folded, channels_last),
+which computes the same function as the eager model.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from dataclasses import fields
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
+from xception.config import from_values
 from xception.data.folder import IMAGE_EXTENSIONS, discover
 from xception.data.loaders import EvalBatchSampler, ImageDataset, make_loader, single_images
 from xception.data.synthetic import SyntheticSpec, materialize
-from xception.data.transforms import Preprocessing, normalize
+from xception.data.transforms import EvalTransform, Preprocessing, as_pil, eval_transform
+from xception.devices import autocast, model_input, resolve_device
+from xception.distributed import World
 from xception.evaluation import class_frequency_weights, evaluate
+from xception.files import write_json
 from xception.fusion import inference_model
-from xception.training.distributed import World
-from xception.training.loop import resolve_device
-from xception.weights import atomic_write, load_model
+from xception.registry import load_model
+from xception.weights import read_metadata
+
+ImageInput = str | Path | Image.Image | torch.Tensor
 
 
-def _preprocessing(metadata: dict[str, Any], source: Path) -> Preprocessing:
+def read_preprocessing(metadata: dict[str, Any], source: Path) -> Preprocessing:
+    """The preprocessing a weights file (or an export of one) records."""
     values = metadata.get("preprocessing")
     if not isinstance(values, dict):
         raise ValueError(f"{source} carries no preprocessing metadata")
-    known = {f.name for f in fields(Preprocessing)}
-    return Preprocessing(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
-    )
+    try:
+        return from_values(Preprocessing, values, "preprocessing option")
+    except ValueError as error:
+        raise ValueError(f"{source} records invalid preprocessing: {error}") from None
 
 
-def _load(weights: Path, raw: bool, device: str):
-    model, metadata = load_model(weights, raw=raw)
-    if not metadata.get("classes"):
-        raise ValueError(
-            f"{weights} has no classifier or no class names (a --notop file "
-            "gives features, not predictions)"
-        )
-    target = resolve_device(device)
-    fast = inference_model(model.to(target), channels_last=True)  # BN folded, NHWC: same function
-    return fast, metadata, _preprocessing(metadata, weights), target
+def preprocessing(weights: str | Path) -> EvalTransform:
+    """The transform a weights file (or its ONNX export) expects its images through, like
+    torchvision's ``weights.transforms()``: image -> normalised CHW float tensor."""
+    path = Path(weights)
+    if path.suffix == ".onnx":
+        from xception.exporting import load_onnx_session
+
+        _, metadata = load_onnx_session(path)
+    else:
+        metadata = read_metadata(path)
+    return EvalTransform(read_preprocessing(metadata, path))
 
 
-def _data_root(data: str | None, metadata: dict[str, Any], weights: Path) -> Path:
+def variant(metadata: dict[str, Any], raw: bool) -> str:
+    """Which weights of a file are used: the Polyak ``averaged`` ones, the ``raw`` ones
+    saved beside them, or the ``single`` set of a file without averaging."""
+    if raw:
+        return "raw"
+    return "averaged" if metadata.get("averaged") else "single"
+
+
+@dataclass
+class Predictor:
+    """A weights file (ours or an ONNX export) ready to classify images.
+
+    ``logits(uint8 NCHW batch)``; ``predict(images)`` takes paths, folders, PIL images
+    and CHW tensors."""
+
+    weights: Path
+    metadata: dict[str, Any]
+    pre: Preprocessing
+    model: Any  # the fast torch model, or an onnxruntime session
+    device: torch.device
+    amp: str = "none"
+    channels_last: bool = True
+
+    @classmethod
+    def load(
+        cls,
+        weights: str | Path,
+        raw: bool = False,
+        device: str = "auto",
+        amp: str = "none",
+        channels_last: bool = True,
+    ) -> Predictor:
+        weights = Path(weights)
+        if weights.suffix == ".onnx":
+            from xception.exporting import load_onnx_session
+
+            if raw or amp != "none":
+                raise ValueError("--raw and --amp apply to weight files, not ONNX exports")
+            session, metadata = load_onnx_session(weights)
+            pre = read_preprocessing(metadata, weights)
+            return cls(weights, metadata, pre, session, torch.device("cpu"))
+        target = resolve_device(device)
+        model, metadata = load_model(weights, raw=raw)
+        if not metadata.get("classes") or model.num_classes == 0:
+            raise ValueError(
+                f"{weights} has no classifier or no class names (a --notop file "
+                "gives features, not predictions)"
+            )
+        pre = read_preprocessing(metadata, weights)
+        fast = inference_model(model.to(target), channels_last=channels_last)
+        return cls(weights, metadata, pre, fast, target, amp, channels_last)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.metadata["classes"]
+
+    @property
+    def multi_label(self) -> bool:
+        return bool(self.metadata.get("multi_label"))
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 logits of a uint8 NCHW batch at the preprocessing's size."""
+        if not isinstance(self.model, torch.nn.Module):
+            from xception.exporting import predict_onnx_batch
+
+            return predict_onnx_batch(self.model, images, self.pre)
+        x = model_input(images, self.pre, self.device, self.channels_last)
+        with autocast(self.device, self.amp):
+            return self.model(x).float()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
+
+    def predict(
+        self, images: Iterable[ImageInput], top_k: int = 5, batch_size: int = 32
+    ) -> list[dict[str, Any]]:
+        """Top-k (class, probability) per image; unreadable files get an ``error``."""
+        if top_k < 1:
+            raise ValueError(f"--top-k must be positive, got {top_k}")
+        rows: list[dict[str, Any]] = []
+        pending: list[tuple[int, torch.Tensor]] = []
+        for name, image in self._prepared(images):
+            rows.append({"path": name})
+            if isinstance(image, str):
+                rows[-1]["error"] = image
+                continue
+            pending.append((len(rows) - 1, image))
+            if len(pending) == batch_size:
+                self._fill(rows, pending, top_k)
+        self._fill(rows, pending, top_k)
+        return rows
+
+    def _prepared(self, images: Iterable[ImageInput]) -> Iterator[tuple[str, object]]:
+        """(name, uint8 image or error message) for every input, the images of folders
+        included; missing files and empty folders fail before any image is read."""
+        inputs: list[Path | tuple[str, Image.Image | torch.Tensor]] = []
+        for index, item in enumerate(images):
+            if isinstance(item, str | Path):
+                inputs += expand([Path(item)])
+            else:
+                inputs.append((f"<image {index}>", item))
+        for entry in inputs:
+            if isinstance(entry, Path):
+                path, image = next(single_images([entry], self.pre))
+                yield str(path), image
+            else:
+                yield entry[0], eval_transform(as_pil(entry[1]), self.pre)
+
+    def _fill(self, rows: list[dict], pending: list[tuple[int, torch.Tensor]], top_k: int) -> None:
+        if not pending:
+            return
+        logits = self.logits(torch.stack([image for _, image in pending]))
+        values, indices = self.probabilities(logits).topk(min(top_k, len(self.classes)), dim=1)
+        for (row, _), v, i in zip(pending, values.tolist(), indices.tolist(), strict=True):
+            rows[row]["predictions"] = [
+                {"class": self.classes[c], "probability": p} for c, p in zip(i, v, strict=True)
+            ]
+        pending.clear()
+
+
+def _data_root(data: str | Path | None, metadata: dict[str, Any], weights: Path) -> Path:
     if data is not None:
         return Path(data)
     spec = metadata.get("builtin_data")
     if not isinstance(spec, dict):
         raise ValueError(f"{weights} was not trained on the built-in data set; pass --data")
-    return materialize(SyntheticSpec(**spec), progress=False)
+    return materialize(from_values(SyntheticSpec, spec, "built-in data option"), progress=False)
 
 
 def evaluate_weights(
-    weights: Path,
-    data: str | None,
+    weights: str | Path,
+    data: str | Path | None = None,
+    *,
     raw: bool = False,
     batch_size: int = 128,
     device: str = "auto",
     workers: int = 2,
-    output: str | None = None,
+    amp: str = "none",
+    channels_last: bool = True,
+    json_path: str | Path | None = None,
     overwrite: bool = False,
-) -> tuple[dict[str, Any], Path]:
-    """Metrics of a weights file on the val split of ``data``; written as JSON too (never
-    over an existing file unless ``overwrite``)."""
-    path = (
-        Path(output)
-        if output
-        else weights.with_name(f"{weights.name.removesuffix('.safetensors')}.eval.json")
-    )
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite or choose another --json path")
-    model, metadata, pre, target = _load(weights, raw, device)
+) -> dict[str, Any]:
+    """``xception eval``: top-1/top-5 (or MAP@100 on multi-label data) of a weights file on
+    the val split of ``data`` (default: the built-in data set it was trained on); also
+    written to ``json_path`` when given (never over an existing file unless ``overwrite``)."""
+    if json_path is not None and Path(json_path).exists() and not overwrite:
+        raise FileExistsError(f"{json_path} exists; pass --overwrite or choose another --json path")
+    weights = Path(weights)
+    if weights.suffix == ".onnx":
+        raise ValueError(f"eval scores weight files; run the ONNX export {weights} with predict")
+    predictor = Predictor.load(weights, raw, device, amp, channels_last)
+    metadata = predictor.metadata
     splits = discover(_data_root(data, metadata, weights))
     classes = list(splits["val"].classes)
-    if classes != metadata["classes"]:
+    if classes != predictor.classes:
         raise ValueError(
-            f"{weights} was trained on {len(metadata['classes'])} classes "
-            f"({', '.join(metadata['classes'][:3])}, ...), the data has "
+            f"{weights} was trained on {len(predictor.classes)} classes "
+            f"({', '.join(predictor.classes[:3])}, ...), the data has "
             f"{len(classes)} ({', '.join(classes[:3])}, ...)"
         )
     multi_label = splits["val"].multi_label
@@ -87,27 +224,36 @@ def evaluate_weights(
         class_frequency_weights(splits["train"].label_matrix()) if multi_label else None
     )
     loader = make_loader(
-        ImageDataset(splits["val"], pre, train=False),
+        ImageDataset(splits["val"], predictor.pre, train=False),
         EvalBatchSampler(len(splits["val"]), batch_size),
         workers,
-        target.type == "cuda",
+        predictor.device.type == "cuda",
     )
     metrics, skipped = evaluate(
-        model, loader, target, pre, World(), multi_label, weights_per_class, channels_last=True
+        predictor.model,
+        loader,
+        predictor.device,
+        predictor.pre,
+        World(),
+        multi_label,
+        weights_per_class,
+        channels_last,
+        amp,
     )
     result: dict[str, Any] = {
         "weights": str(weights),
-        "variant": "raw" if raw else "averaged",
+        "variant": variant(metadata, raw),
         "images": len(splits["val"]) - len(skipped),
         **metrics,
         "skipped_files": skipped,
     }
-    text = json.dumps(result, indent=2)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return result, path
+    if json_path is not None:
+        write_json(json_path, result)
+    return result
 
 
-def _expand(paths: list[Path]) -> list[Path]:
+def expand(paths: list[Path]) -> list[Path]:
+    """Files as given and the images in folders (recursively, sorted)."""
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -121,64 +267,17 @@ def _expand(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _predictor(weights: Path, raw: bool, device: str) -> tuple[Any, dict[str, Any], Preprocessing]:
-    """(uint8 batch -> logits, metadata, preprocessing) for our weights or an ONNX export."""
-    if weights.suffix == ".onnx":
-        from xception.export import load_onnx_session, predict_onnx_batch
-
-        session, metadata = load_onnx_session(weights)
-        pre = _preprocessing(metadata, weights)
-        return (lambda images: predict_onnx_batch(session, images, pre)), metadata, pre
-    model, metadata, pre, target = _load(weights, raw, device)
-
-    def predict(images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images.to(target), pre, torch.float32)
-        return model(x.contiguous(memory_format=torch.channels_last))
-
-    return predict, metadata, pre
-
-
-@torch.no_grad()
 def predict_paths(
-    weights: Path,
+    weights: str | Path,
     paths: list[Path],
     top_k: int = 5,
     raw: bool = False,
     device: str = "auto",
-    batch_size: int = 32,
+    amp: str = "none",
 ) -> tuple[list[dict[str, Any]], int]:
-    """Top-k (class, probability) per image; unreadable images get an ``error`` instead.
-
-    ``weights`` is one of our weight files or an ONNX export (run with onnxruntime).
-    """
-    if top_k < 1:
-        raise ValueError(f"--top-k must be positive, got {top_k}")
-    predict, metadata, pre = _predictor(weights, raw, device)
-    classes, multi_label = metadata["classes"], bool(metadata.get("multi_label"))
-    rows: list[dict[str, Any]] = []
-    pending: list[tuple[int, torch.Tensor]] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        logits = predict(torch.stack([image for _, image in pending])).float()
-        probs = torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)
-        values, indices = probs.topk(min(top_k, len(classes)), dim=1)
-        for (row, _), v, i in zip(pending, values.tolist(), indices.tolist(), strict=True):
-            rows[row]["predictions"] = [
-                {"class": classes[c], "probability": p} for c, p in zip(i, v, strict=True)
-            ]
-        pending.clear()
-
-    for path, image in single_images(_expand(paths), pre):
-        rows.append({"path": str(path)})
-        if isinstance(image, str):
-            rows[-1]["error"] = image
-            continue
-        pending.append((len(rows) - 1, image))
-        if len(pending) == batch_size:
-            flush()
-    flush()
+    """Rows of ``Predictor.predict`` for files and folders, and how many failed."""
+    predictor = Predictor.load(weights, raw, device, amp)
+    rows = predictor.predict(paths, top_k)
     return rows, sum("error" in row for row in rows)
 
 

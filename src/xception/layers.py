@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xception.config import check_choice
+
 Padding = Literal["tf", "symmetric", "valid"]
 Activation = Literal["none", "relu", "relu6", "elu"]
 PADDINGS: tuple[str, ...] = ("tf", "symmetric", "valid")
@@ -79,11 +81,6 @@ def _pad_same(
     if concrete and not any(pads):
         return x
     return F.pad(x, pads, value=value)
-
-
-def check_choice(field: str, value: object, choices: tuple[object, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{field}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 def scaled_channels(channels: int, width: float) -> int:

@@ -1,5 +1,6 @@
-"""Model names -> (model class, default config). Configs are frozen dataclasses, so a
-variant is a name plus a handful of field values, and any field can be overridden."""
+"""Model names -> (model class, default config), and the one path that builds a model:
+from a name and overrides, or from a weights file, whose recorded architecture is
+authoritative (a file never loads into a network that computes another function)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from xception.config import check_known, from_values
+from xception.models.base import FeatureExtractor
+from xception.weights import FORMAT, load_weights, read_metadata
+
+# Fields a weights file does not pin down: settings of training (dropout, BatchNorm's
+# momentum), the default input size, and output_stride, which trades the last strides for
+# dilation as DeepLab does with ImageNet weights (the tensors are the same; features_only).
+FREE_FIELDS = frozenset({"dropout", "bn_momentum", "image_size", "output_stride"})
 
 
 @dataclass(frozen=True)
@@ -44,36 +54,116 @@ def get_entry(name: str) -> ModelEntry:
 def model_config(name: str, **overrides: Any) -> Any:
     """The registered default config of ``name`` with ``overrides`` applied and validated."""
     config = get_entry(name).config
-    known = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(
-            f"{name} has no option {unknown[0]!r}; options: {', '.join(sorted(known))}"
-        )
+    if overrides:
+        check_known(type(config), overrides, f"{name} option")
     return dataclasses.replace(config, **overrides)
 
 
 def create_model(
-    name: str,
+    name: str | None = None,
     num_classes: int | None = None,
     weights: str | Path | None = None,
     features_only: bool = False,
+    raw: bool = False,
     **overrides: Any,
 ) -> nn.Module:
-    """Build a registered model.
+    """Build a registered model, optionally with the weights of a file.
 
     ``overrides`` are config fields (``residual=False``, ``spatial_groups=8`` ...).
-    ``weights`` is a safetensors file saved by this package. ``features_only`` returns a
-    ``FeatureExtractor`` giving the maps at strides 2, 4, 8, 16 and 32.
+    ``weights`` is a safetensors file: one of this package's files builds the architecture
+    it records (``name`` may be omitted), and a name or override that would make the
+    network compute another function fails naming the field and both values; a plain
+    safetensors file loads strictly into ``name``. ``raw`` takes a trained file's raw
+    (not averaged) weights. ``features_only`` returns a ``FeatureExtractor`` giving the
+    maps at strides 2, 4, 8, 16 and 32.
     """
-    from xception.models.base import FeatureExtractor
-
     if num_classes is not None:
         overrides["num_classes"] = num_classes
-    config = model_config(name, **overrides)
-    model = get_entry(name).model_class(config)
-    if weights is not None:
-        from xception.weights import load_weights
-
-        load_weights(model, weights)
+    if weights is None:
+        if name is None:
+            raise ValueError("create_model needs a model name or a weights file")
+        model = get_entry(name).model_class(model_config(name, **overrides))
+    else:
+        model, _ = _build_from_file(Path(weights), name, overrides, raw)
     return FeatureExtractor(model) if features_only else model
+
+
+def load_model(path: str | Path, raw: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """The network a weights file records, with its weights, and the file's metadata."""
+    return _build_from_file(Path(path), None, {}, raw)
+
+
+def _build_from_file(
+    path: Path, name: str | None, overrides: dict[str, Any], raw: bool
+) -> tuple[nn.Module, dict[str, Any]]:
+    metadata = read_metadata(path)
+    if metadata.get("format") != FORMAT or "model" not in metadata:
+        if name is None:
+            raise ValueError(
+                f"{path} is not an xception weights file (its metadata names no model); "
+                "pass the model name to load its tensors into"
+            )
+        config = model_config(name, **overrides)
+    else:
+        recorded, saved = _recorded(metadata, path)
+        if name is not None and name != recorded:
+            _check_same_network(path, name, model_config(name), recorded, saved)
+        config = _with_overrides(path, saved, overrides)
+        name = recorded
+    model = get_entry(name).model_class(config)
+    load_weights(model, path, raw=raw)
+    return model, metadata
+
+
+def _recorded(metadata: dict[str, Any], path: Path) -> tuple[str, Any]:
+    """The model name and config a file records, as this version's config."""
+    name, values = metadata["model"], metadata.get("config", {})
+    if not isinstance(name, str) or name not in _MODELS:
+        raise ValueError(f"{path} records model {name!r}, which this version does not know")
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} records a config that is not a mapping of option: value")
+    config_class = type(get_entry(name).config)
+    try:
+        return name, from_values(config_class, values, f"{name} option")
+    except ValueError as error:
+        raise ValueError(f"{path} records an invalid config: {error}") from None
+
+
+def _differences(a: Any, b: Any) -> list[str]:
+    """Fields that change the function a network computes and differ between two configs."""
+    return [
+        field.name
+        for field in dataclasses.fields(a)
+        if field.name not in FREE_FIELDS and getattr(a, field.name) != getattr(b, field.name)
+    ]
+
+
+def _check_same_network(path: Path, name: str, named: Any, recorded: str, saved: Any) -> None:
+    if type(named) is not type(saved):
+        raise ValueError(f"{path} holds {recorded} weights, which {name} cannot take")
+    differences = [key for key in _differences(named, saved) if key != "num_classes"]
+    if differences:
+        key = differences[0]
+        raise ValueError(
+            f"{path} holds {recorded} with {key}={getattr(saved, key)!r}; "
+            f"{name} has {key}={getattr(named, key)!r} (omit the name to build the file's model)"
+        )
+
+
+def _with_overrides(path: Path, saved: Any, overrides: dict[str, Any]) -> Any:
+    """The file's config with the overrides that leave its function alone."""
+    if not overrides:
+        return saved
+    check_known(type(saved), overrides, f"{type(saved).__name__} option")
+    wanted = dataclasses.replace(saved, **overrides)
+    for key in _differences(saved, wanted):
+        if key == "num_classes":
+            raise ValueError(
+                f"{path} has {saved.num_classes} classes, not num_classes={wanted.num_classes}; "
+                "load it as it is and call reset_classifier(N) for a new head"
+            )
+        raise ValueError(
+            f"{path} was saved with {key}={getattr(saved, key)!r}; {key}="
+            f"{getattr(wanted, key)!r} would change the function its weights compute"
+        )
+    return wanted

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +13,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from xception.files import atomic_write
+
 FORMAT = "xception"
 RAW_PREFIX = "raw/"  # raw (not averaged) weights stored beside the averaged ones
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then fsync and rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_weights(
@@ -138,20 +123,3 @@ def load_weights(model: nn.Module, path: str | Path, raw: bool = False) -> None:
     state = select(load_state_dict(path), raw, str(path))
     check_state_dict(model, state, str(path))
     model.load_state_dict(state)
-
-
-def _tuples(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def load_model(path: str | Path, raw: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the architecture a file describes and load it: (model, metadata)."""
-    from xception.registry import create_model
-
-    metadata = read_metadata(path)
-    if metadata.get("format") != FORMAT or "model" not in metadata:
-        raise ValueError(f"{path} is not an xception weights file (its metadata names no model)")
-    config = {key: _tuples(value) for key, value in metadata.get("config", {}).items()}
-    model = create_model(metadata["model"], **config)
-    load_weights(model, path, raw=raw)
-    return model, metadata

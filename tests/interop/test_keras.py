@@ -19,7 +19,7 @@ from torch import nn
 import xception
 from xception.interop.keras import INCEPTION_V3_KERAS_ORDER, convert_keras, load_keras_state
 from xception.layers import ConvNormAct
-from xception.weights import load_model
+from xception.registry import load_model
 
 keras = pytest.importorskip("keras")  # conftest.py selects the torch backend
 h5py = pytest.importorskip("h5py")
@@ -113,6 +113,7 @@ class Case:
     notop: Any  # include_top=False, pooling="avg", any input size, the same weights
     classifier: str
     files: dict[tuple[str, bool], Path]  # (format, include_top) -> Keras file
+    converted: dict[tuple[str, bool], Path]  # (format, include_top) -> our converted file
     models: dict[tuple[str, bool], nn.Module]  # our model, reloaded from the converted file
 
     def logits(self, pooled: np.ndarray) -> np.ndarray:
@@ -132,16 +133,16 @@ def make_case(
         weights=None, include_top=False, pooling="avg", input_shape=(None, None, 3), **kwargs
     )
     notop.set_weights(top.get_weights()[:-2])  # all but the classifier's kernel and bias
-    files, models = {}, {}
+    files, converted, models = {}, {}, {}
     for fmt in FORMATS:
         for include_top, reference in ((True, top), (False, notop)):
             path = tmp / f"{model_name}{'' if include_top else '_notop'}.{fmt}"
             save(reference, path)
             out = tmp / f"{path.name}.safetensors"
             convert_keras(path, model_name, out, include_top=include_top)
-            files[fmt, include_top] = path
+            files[fmt, include_top], converted[fmt, include_top] = path, out
             models[fmt, include_top] = load_model(out)[0].eval()
-    return Case(top, notop, classifier, files, models)
+    return Case(top, notop, classifier, files, converted, models)
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +222,24 @@ def test_logits_equal_keras_at_the_reference_size(
     case: Case = request.getfixturevalue(case_name)
     x = inputs(batch, (size, size))
     assert_close(run(case.models["h5", True], x), run_keras(case.top, x))
+
+
+@pytest.mark.parametrize(
+    ("case_name", "model_name"),
+    [("xception_case", "xception"), ("inception_case", "inception_v3")],
+)
+def test_files_loaded_by_model_name_equal_keras(
+    request: pytest.FixtureRequest, case_name: str, model_name: str
+) -> None:
+    """``create_model(name, weights=FILE)`` as the README shows builds the file's network:
+    Keras' InceptionV3 needs its average pools without the padding in the count."""
+    case: Case = request.getfixturevalue(case_name)
+    model = xception.create_model(model_name, weights=case.converted["h5", True]).eval()
+    x = inputs(1, (299, 299))
+    assert_close(run(model, x), run_keras(case.top, x))
+    notop = xception.create_model(model_name, weights=case.converted["h5", False]).eval()
+    x = inputs(1, (224, 224))
+    assert_close(run(notop, x), run_keras(case.notop, x))
 
 
 # Xception at 150 pads a 72x72 max-pool (0, 1); MobileNet needs multiples of 32 (its docs).

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from xception.interop.timm import convert_timm
-from xception.weights import load_model, read_metadata
+from xception.registry import create_model, load_model
+from xception.weights import read_metadata
 
 timm = pytest.importorskip("timm")
 
@@ -52,10 +53,13 @@ def test_converted_weights_reproduce_timm(reference, tmp_path, ours, suffix, cad
     model, meta = load_model(out)
     assert meta["source"]["format"] == "timm" and len(meta["source"]["sha256"]) == 64
     assert len(meta["classes"]) == source.num_classes
+    by_name = create_model(ours, weights=out)  # as the README loads it: the file's numerics
+    assert by_name.config == model.config
     for size in ((299, 299), (171, 150)):
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
             torch.testing.assert_close(model.eval()(x), source(x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(by_name.eval()(x), source(x), rtol=1e-4, atol=1e-5)
 
 
 def test_notop_converts_the_backbone_only(reference, tmp_path):

@@ -9,7 +9,8 @@ from xception.reproduction.experiments import (
     get_experiment,
     get_scale,
 )
-from xception.training.recipes import RECIPES, TrainConfig
+from xception.training.config import TrainConfig
+from xception.training.recipes import RECIPES
 
 
 @pytest.mark.parametrize("scale", ["tiny", "small", "full"])

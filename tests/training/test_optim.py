@@ -9,7 +9,8 @@ from torch import nn
 
 from xception.layers import SeparableConv2d
 from xception.registry import create_model
-from xception.training.loop import build_schedule
+from xception.training.builders import build_schedule
+from xception.training.config import resolve
 from xception.training.optim import (
     LRSchedule,
     RMSpropTF,
@@ -18,7 +19,6 @@ from xception.training.optim import (
     set_lr,
     staircase_decay,
 )
-from xception.training.recipes import resolve
 
 
 def _small_model() -> nn.Module:

@@ -136,9 +136,8 @@ def _discover_manifest(root: Path) -> dict[str, Split]:
 
 
 def read_rgb(path: Path) -> Image.Image:
-    """Decode fully (so truncation shows here) and convert any mode to RGB.
+    """Decode fully (so truncation shows here) and convert to RGB (``to_rgb``).
 
-    Transparent images are composited on white rather than losing alpha to black.
     Raises ``OSError``/``ValueError`` for unreadable files.
     """
     ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -146,11 +145,19 @@ def read_rgb(path: Path) -> Image.Image:
         warnings.simplefilter("ignore")  # PIL's palette-transparency warnings are not ours
         with Image.open(path) as image:
             image.load()
-            if image.mode == "P" and "transparency" in image.info:
-                image = image.convert("RGBA")
-            if image.mode in ("RGBA", "LA"):
-                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
-            if image.mode in ("I", "I;16", "I;16B", "F"):
-                image = image.point(lambda v: v / 256).convert("L")
-            return image.convert("RGB")
+            return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode as RGB. Transparent images are composited on white rather than losing
+    alpha to black; 16-bit and float greyscale are scaled to 8 bits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        if image.mode in ("RGBA", "LA"):
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+        if image.mode in ("I", "I;16", "I;16B", "F"):
+            image = image.point(lambda v: v / 256).convert("L")
+        return image.convert("RGB")

@@ -555,7 +555,9 @@ def _render_all(spec: SyntheticSpec, root: Path, workers: int, progress: bool) -
     rows: dict[str, list] = {split: [] for split in SPLITS}
     with (
         _mapper(workers) as mapper,
-        tqdm(total=len(tasks), desc=f"rendering {spec.name}", disable=not progress) as bar,
+        tqdm(
+            total=len(tasks), desc=f"rendering {spec.name}", disable=None if progress else True
+        ) as bar,
     ):
         for split, result in mapper(_render_to_file, tasks):  # unordered with a pool
             rows[split].append(result)

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
+
+from xception.config import normalize as normalize_fields
+from xception.data.folder import to_rgb
 
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -24,20 +28,17 @@ class Preprocessing:
 
     image_size: int = 299
     crop_pct: float = 0.875  # eval: resize to image_size / crop_pct, then center-crop
-    interpolation: str = "bicubic"
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # (x/255 - 0.5)/0.5 = x/127.5 - 1
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     min_crop_area: float = 0.08  # train: random-resized-crop area range [min, 1]
 
     def __post_init__(self) -> None:
+        normalize_fields(self)
         if self.image_size < 1 or not 0 < self.crop_pct <= 1 or not 0 < self.min_crop_area <= 1:
             raise ValueError(
                 f"invalid preprocessing {self}: need image_size >= 1, "
                 "0 < crop_pct <= 1, 0 < min_crop_area <= 1"
-            )
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation={self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}"
             )
 
 
@@ -105,3 +106,31 @@ def normalize(images: torch.Tensor, pre: Preprocessing, dtype: torch.dtype) -> t
     mean = torch.tensor(pre.mean, device=images.device, dtype=dtype).view(1, -1, 1, 1) * 255
     std = torch.tensor(pre.std, device=images.device, dtype=dtype).view(1, -1, 1, 1) * 255
     return (images.to(dtype) - mean) / std
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """A weights file's evaluation preprocessing as one callable, like torchvision's
+    ``weights.transforms()``: an image (PIL in any mode, or a CHW tensor, uint8 or float in
+    [0, 1]) -> the float CHW tensor the model takes (resized, centre-cropped, normalised)."""
+
+    pre: Preprocessing
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        pixels = eval_transform(as_pil(image), self.pre)
+        return normalize(pixels.unsqueeze(0), self.pre, torch.float32)[0]
+
+
+def as_pil(image: Image.Image | torch.Tensor) -> Image.Image:
+    """An in-memory image as an RGB PIL image (tensors: CHW, uint8 or float in [0, 1])."""
+    if isinstance(image, torch.Tensor):
+        from torchvision.transforms.functional import to_pil_image
+
+        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+            raise ValueError(
+                f"expected an image tensor of shape (C, H, W), got {tuple(image.shape)}"
+            )
+        image = to_pil_image(image.cpu())
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"expected a PIL image or an image tensor, got {type(image).__name__}")
+    return to_rgb(image)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import types
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from xception.config import check_numbers, normalize
 from xception.layers import ClassifierHead
 
 
@@ -21,46 +20,26 @@ class FeatureInfo:
     reduction: int
 
 
-def _accepts(hint: object, value: object) -> bool:
-    """Whether ``value`` fits a simple annotation (classes, unions, tuples, dicts; Literal
-    values are left to ``check_choice``, which names the choices)."""
-    origin = typing.get_origin(hint)
-    if hint is typing.Any or origin is typing.Literal:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_accepts(arg, value) for arg in typing.get_args(hint))
-    if origin is tuple:
-        return isinstance(value, tuple) and all(
-            _accepts(typing.get_args(hint)[0], v) for v in value
+def check_model_config(
+    config: object, min_input_size: int, allow_zero: tuple[str, ...] = ("num_classes", "dropout")
+) -> None:
+    """What every model config checks in ``__post_init__``: field types and choices, no
+    negative numbers (nor zeros outside ``allow_zero``), dropout in [0, 1), BatchNorm
+    momentum in (0, 1], a default input size the network accepts."""
+    normalize(config)
+    check_numbers(config, allow_zero)
+    name = type(config).__name__
+    if not 0 <= config.dropout < 1:
+        raise ValueError(f"{name}.dropout={config.dropout} must be in [0, 1)")
+    if config.bn_momentum > 1:
+        raise ValueError(f"{name}.bn_momentum={config.bn_momentum} must be in (0, 1]")
+    if any(units < 1 for units in getattr(config, "fc_layers", ())):
+        raise ValueError(f"{name}.fc_layers={config.fc_layers} must hold positive widths")
+    if config.image_size < min_input_size:
+        raise ValueError(
+            f"{name}.image_size={config.image_size} is below the minimum input size "
+            f"{min_input_size}"
         )
-    if origin is dict:
-        return isinstance(value, dict)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
-def check_types(config: object) -> None:
-    """Reject a field of the wrong type (``fc_layers=4096``, ``epochs="ten"``), naming it."""
-    hints = typing.get_type_hints(type(config))
-    for field in fields(config):  # type: ignore[arg-type]
-        value = getattr(config, field.name)
-        if not _accepts(hints[field.name], value):
-            raise ValueError(f"{field.name}={value!r} is not a valid {field.type}")
-
-
-def check_config(config: object, allow_zero: tuple[str, ...] = ("num_classes", "dropout")) -> None:
-    """Reject wrong types and negative (or, outside ``allow_zero``, zero) numbers early,
-    naming the field."""
-    check_types(config)
-    for field in fields(config):  # type: ignore[arg-type]
-        value = getattr(config, field.name)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        if value < 0 or (value == 0 and field.name not in allow_zero):
-            raise ValueError(f"{type(config).__name__}.{field.name}={value} must be positive")
 
 
 class ImageClassifier(nn.Module):

@@ -29,8 +29,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from xception.layers import ClassifierHead, ConvNormAct, Padding, check_choice, scaled_channels
-from xception.models.base import FeatureInfo, ImageClassifier, check_config
+from xception.layers import ClassifierHead, ConvNormAct, scaled_channels
+from xception.models.base import FeatureInfo, ImageClassifier, check_model_config
 from xception.registry import register_model
 
 MIN_INPUT_SIZE = 75
@@ -67,9 +67,12 @@ class InceptionV3Config:
     aux_logits: bool = False
     bn_eps: float = 1e-3
     bn_momentum: float = 0.01
-    padding: Padding = "symmetric"
+    padding: Literal["tf", "symmetric"] = "symmetric"
     paper_topology: bool = False
     avg_pool_count_include_pad: bool = True
+
+    def __post_init__(self) -> None:
+        check_model_config(self, MIN_INPUT_SIZE)
 
 
 def conv2d_bn(
@@ -358,10 +361,6 @@ class InceptionV3(ImageClassifier):
 
     def __init__(self, config: InceptionV3Config = InceptionV3Config()) -> None:
         super().__init__()
-        check_config(config)
-        check_choice("padding", config.padding, ("tf", "symmetric"))
-        if config.image_size < MIN_INPUT_SIZE:
-            raise ValueError(f"image_size={config.image_size} must be >= {MIN_INPUT_SIZE}")
         self.config = config
         self.in_chans = config.in_chans
         self.min_input_size = MIN_INPUT_SIZE

@@ -22,8 +22,8 @@ from typing import Literal
 
 from torch import nn
 
-from xception.layers import PADDINGS, ClassifierHead, ConvNormAct, check_choice
-from xception.models.base import FeatureInfo, ImageClassifier, check_config
+from xception.layers import ClassifierHead, ConvNormAct
+from xception.models.base import FeatureInfo, ImageClassifier, check_model_config
 from xception.registry import register_model
 
 MIN_INPUT_SIZE = 32
@@ -40,10 +40,6 @@ BLOCKS: tuple[tuple[int, int], ...] = (
     (1024, 2),
     (1024, 1),
 )
-MobileNetActivation = Literal["relu6", "relu"]
-MOBILENET_ACTIVATIONS: tuple[str, ...] = ("relu6", "relu")
-# Keras' padding is only SAME-like; "valid" would shrink 32x32 inputs to nothing.
-MOBILENET_PADDINGS: tuple[str, ...] = tuple(p for p in PADDINGS if p != "valid")
 
 
 @dataclass(frozen=True)
@@ -56,29 +52,19 @@ class MobileNetV1Config:
     alpha: float = 1.0
     dropout: float = 1e-3  # Keras' default, i.e. TF-slim's dropout_keep_prob=0.999
     global_pool: Literal["avg", "max"] = "avg"
-    activation: MobileNetActivation = "relu6"  # "relu" is the paper's drawing
-    padding: Literal["tf", "symmetric"] = "tf"  # "symmetric" is PyTorch-style padding
+    activation: Literal["relu6", "relu"] = "relu6"  # "relu" is the paper's drawing
+    # "symmetric" is PyTorch-style padding; no "valid": Keras' padding is only SAME-like,
+    # and "valid" would shrink 32x32 inputs to nothing.
+    padding: Literal["tf", "symmetric"] = "tf"
     bn_eps: float = 1e-3
     bn_momentum: float = 0.01  # Keras' 0.99
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        check_config(self)
-        check_choice("activation", self.activation, MOBILENET_ACTIVATIONS)
-        check_choice("padding", self.padding, MOBILENET_PADDINGS)
-        check_choice("global_pool", self.global_pool, ("avg", "max"))
+        check_model_config(self, MIN_INPUT_SIZE)
         if width(STEM_CHANNELS, self.alpha) < 1:
             raise ValueError(
-                f"{name}.alpha={self.alpha} leaves the stem with no channels "
+                f"MobileNetV1Config.alpha={self.alpha} leaves the stem with no channels "
                 f"(needs alpha >= 1/{STEM_CHANNELS})"
-            )
-        if self.dropout >= 1:
-            raise ValueError(f"{name}.dropout={self.dropout} must be in [0, 1)")
-        if self.bn_momentum > 1:
-            raise ValueError(f"{name}.bn_momentum={self.bn_momentum} must be in (0, 1]")
-        if self.image_size < MIN_INPUT_SIZE:
-            raise ValueError(
-                f"{name}.image_size={self.image_size} is below MobileNet's minimum {MIN_INPUT_SIZE}"
             )
 
 

@@ -14,8 +14,6 @@ from typing import Literal
 from torch import Tensor, nn
 
 from xception.layers import (
-    ACTIVATIONS,
-    PADDINGS,
     Activation,
     ClassifierHead,
     ConvNormAct,
@@ -24,10 +22,9 @@ from xception.layers import (
     SeparableConv2d,
     activation,
     batch_norm,
-    check_choice,
     scaled_channels,
 )
-from xception.models.base import FeatureInfo, ImageClassifier, check_config
+from xception.models.base import FeatureInfo, ImageClassifier, check_model_config
 from xception.registry import register_model
 
 
@@ -53,8 +50,24 @@ class XceptionConfig:
     bn_eps: float = 1e-3
     bn_momentum: float = 0.01  # Keras' 0.99
 
+    def __post_init__(self) -> None:
+        check_model_config(self, MIN_INPUT_SIZE, ("num_classes", "dropout", "middle_blocks"))
+        groups = self.spatial_groups
+        if groups is None:
+            return
+        for channels in SEPARABLE_INPUTS:
+            if scaled_channels(channels, self.width_multiplier) % groups:
+                raise ValueError(
+                    f"XceptionConfig.spatial_groups={groups} does not divide the "
+                    f"{scaled_channels(channels, self.width_multiplier)} input channels of a "
+                    "separable convolution"
+                )
+
 
 MIN_INPUT_SIZE = 71
+# Input channels of Fig. 5's separable convolutions at width 1 (the spectrum's group
+# counts must divide each of them).
+SEPARABLE_INPUTS = (64, 128, 256, 728, 1024, 1536)
 
 
 class XceptionBlock(nn.Module):
@@ -122,11 +135,6 @@ def separable_unit(
 
     ReLUs work in place (less training memory) except on an input another layer also reads.
     """
-    if c.spatial_groups is not None and in_channels % c.spatial_groups:
-        raise ValueError(
-            f"spatial_groups={c.spatial_groups} does not divide the {in_channels} "
-            "input channels of a separable convolution"
-        )
     conv = SeparableConv2d(
         in_channels,
         out_channels,
@@ -208,23 +216,11 @@ class _Builder:
         return self._done(nn.Sequential(layers), self.channels)
 
 
-def validate(c: XceptionConfig) -> None:
-    check_config(c, allow_zero=("num_classes", "dropout", "middle_blocks"))
-    check_choice("mid_activation", c.mid_activation, ACTIVATIONS)
-    check_choice("padding", c.padding, PADDINGS)
-    check_choice("output_stride", c.output_stride, (8, 16, 32))
-    if c.spatial_groups is not None and c.spatial_groups < 1:
-        raise ValueError(f"spatial_groups={c.spatial_groups} must be None (depthwise) or >= 1")
-    if c.image_size < MIN_INPUT_SIZE:
-        raise ValueError(f"image_size={c.image_size} is below Xception's minimum {MIN_INPUT_SIZE}")
-
-
 class Xception(ImageClassifier):
     """Xception (Chollet, CVPR 2017): 36 convolutions in 14 modules, 22,855,952 parameters."""
 
     def __init__(self, config: XceptionConfig = XceptionConfig()) -> None:
         super().__init__()
-        validate(config)
         self.config, self.in_chans, self.min_input_size = config, config.in_chans, MIN_INPUT_SIZE
         fig5 = _Builder(config)
         self.entry_flow = nn.Sequential(

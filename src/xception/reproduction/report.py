@@ -11,14 +11,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from xception.evaluation import primary_metric
+from xception.files import write_text
 from xception.reproduction.experiments import PAPER_STEPS_PER_SECOND, get_experiment
 from xception.training.logs import pyplot, save_figure
-from xception.weights import atomic_write
 
 
-def score_key(rows: list[dict[str, float]]) -> str:
-    """MAP@100 on multi-label data (Table 2's protocol), else top-1; averaged weights."""
-    return "val_map100" if any("val_map100" in row for row in rows) else "val_top1"
+def score_key(run: dict[str, Any]) -> str:
+    """The metric a run is ranked by (``primary_metric``), of its averaged weights."""
+    return "val_" + primary_metric(run["multi_label"])
 
 
 #: An arm "learned" when it closed at least this share of the gap between the score of
@@ -56,7 +57,7 @@ def arm_stats(results: dict[str, Any]) -> list[ArmStats]:
     speed = results["speed"]
     stats = []
     for arm, mine in runs_by_arm(results["runs"]).items():
-        key = score_key(mine[0]["rows"])
+        key = score_key(mine[0])
         finals = [run["summary"]["metrics"][key] for run in mine]
         profiles = [statistics.fmean(row[key] for row in run["rows"]) for run in mine]
         timed = speed["arms"].get(arm)
@@ -124,7 +125,7 @@ def plot_profiles(out: Path, results: dict[str, Any]) -> str:
     plt = pyplot()
     fig, axis = plt.subplots(figsize=(7, 4.5))
     runs = results["runs"]
-    key = score_key(runs[0]["rows"])
+    key = score_key(runs[0])
     for arm_runs in runs_by_arm(runs).values():
         mine = [run["rows"] for run in arm_runs]
         length = min(len(rows) for rows in mine)
@@ -216,7 +217,7 @@ def _pct(value: float | None) -> str:
 
 def training_sections(out: Path, results: dict[str, Any]) -> list[str]:
     stats = arm_stats(results)
-    key = score_key(results["runs"][0]["rows"])
+    key = score_key(results["runs"][0])
     name = "MAP@100" if key == "val_map100" else "top-1"
     speed = results["speed"]
     arms_table = markdown_table(
@@ -343,7 +344,5 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
             else ""
         ),
     ]
-    text = "\n\n".join([*head, *sections]) + "\n"
-    atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
-    payload = json.dumps(results, indent=2, default=str)
-    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(payload))
+    write_text(out / "report.md", "\n\n".join([*head, *sections]) + "\n")
+    write_text(out / "results.json", json.dumps(results, indent=2, default=str))

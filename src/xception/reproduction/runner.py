@@ -33,8 +33,10 @@ from xception.benchmarking import (
 )
 from xception.data.folder import discover
 from xception.data.synthetic import materialize
+from xception.devices import resolve_device
 from xception.evaluation import class_prior_score
-from xception.registry import create_model
+from xception.files import write_json
+from xception.registry import create_model, load_model
 from xception.reproduction.experiments import (
     PAPER_PARAMETERS,
     TABLE3_MODELS,
@@ -47,10 +49,9 @@ from xception.reproduction.experiments import (
 )
 from xception.reproduction.report import runs_by_arm, write_report
 from xception.summary import count_macs
+from xception.training.config import TrainConfig, resolve
 from xception.training.logs import read_metrics
-from xception.training.loop import builtin_spec, resolve_device, resume, train
-from xception.training.recipes import TrainConfig, resolve
-from xception.weights import atomic_write, load_model
+from xception.training.run import resume, train
 
 Progress = Callable[[str], None]
 
@@ -90,11 +91,6 @@ class Plan:
 
 def default_out(plan: Plan) -> Path:
     return Path("reproductions") / f"{plan.experiment}-{plan.scale}"
-
-
-def write_json(path: Path, value: Any) -> None:
-    text = json.dumps(value, indent=2)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def cached_json(path: Path, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -161,7 +157,7 @@ def run_arm(folder: Path, config: TrainConfig, recipe: str, progress: bool) -> d
 
 def class_prior(config: TrainConfig) -> float:
     """What the arm's score would be if it learned nothing (see ``class_prior_score``)."""
-    spec = builtin_spec(config)
+    spec = config.builtin_data()
     splits = discover(materialize(spec, progress=False) if spec else Path(config.data or ""))
     train_split, val = splits["train"], splits["val"]
     return class_prior_score(
@@ -324,7 +320,7 @@ def train_arms(
             trained = run_arm(folder, config, arm_recipe(scale, arm), progress)
             if arm.name not in costs:
                 costs[arm.name] = model_cost(folder / "last.safetensors", config.image_size)
-            data = builtin_spec(config) or config.data
+            data = config.builtin_data() or config.data
             if data not in priors:
                 priors[data] = class_prior(config)
             records.append(
@@ -335,6 +331,7 @@ def train_arms(
                     "folder": str(folder),
                     "model": arm.model,
                     "overrides": arm.overrides,
+                    "multi_label": arm.multi_label,
                     "batch_size": config.batch_size,
                     "image_size": config.image_size,
                     **costs[arm.name],

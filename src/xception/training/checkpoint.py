@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from xception.files import seal
 from xception.weights import read_metadata
 
 STATE_SUFFIX = ".state.pt"
@@ -70,21 +71,16 @@ def save_checkpoint(weights_path: Path, write_weights: Any, state: dict[str, Any
     ``step``); ``state`` (with ``position``) goes to the companion state file."""
     pending = _pending(weights_path)
     write_weights(str(pending))
-    _fsync(pending)
+    seal(pending)
     state_tmp = _pending(state_path(weights_path))
     torch.save(state, state_tmp)
-    _fsync(state_tmp)
+    seal(state_tmp)
     os.replace(pending, weights_path)
     os.replace(state_tmp, state_path(weights_path))
 
 
 def _pending(path: Path) -> Path:
     return path.with_name(f".{path.name}.pending")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def load_state(weights_path: Path) -> dict[str, Any]:

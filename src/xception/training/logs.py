@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from xception.weights import atomic_write
+from xception.files import atomic_write
 
 METRICS_FILE = "metrics.csv"
 
@@ -108,3 +108,43 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class RunLogs:
+    """Everything a run writes for people, in one object: ``run.log``, ``metrics.csv``,
+    ``profile.png`` and TensorBoard scalars. Without a folder (ranks other than 0) it
+    writes nothing. A resumed run drops the rows past its checkpoint's ``step``."""
+
+    def __init__(self, run_dir: Path | None, title: str, step: int) -> None:
+        self.run_dir, self.title = run_dir, title
+        self.logger = run_logger(run_dir)
+        self.board = TensorBoard(run_dir) if run_dir is not None else None
+        rows = read_metrics(run_dir) if run_dir is not None else []
+        self.rows = [row for row in rows if row["step"] <= step]
+
+    def info(self, message: str, *args: Any) -> None:
+        self.logger.info(message, *args)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.board is not None:
+            self.board.scalars(values, step)
+
+    def epoch(self, metrics: dict[str, float]) -> None:
+        """One evaluation: a row of ``metrics.csv``, the plot, TensorBoard and ``run.log``."""
+        self.info(
+            "epoch %.2f step %d: %s",
+            metrics["epoch"],
+            metrics["step"],
+            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("epoch", "step")),
+        )
+        if self.run_dir is None:
+            return
+        self.rows.append(metrics)
+        write_metrics(self.run_dir, self.rows)
+        plot_profile(self.run_dir, self.rows, self.title)
+        self.scalars({f"epoch/{k}": v for k, v in metrics.items()}, int(metrics["step"]))
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+        close_logger(self.logger)

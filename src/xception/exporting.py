@@ -20,7 +20,8 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from xception.data.transforms import Preprocessing, normalize
-from xception.weights import atomic_write, load_model
+from xception.files import atomic_write
+from xception.registry import load_model
 
 if TYPE_CHECKING:
     import onnxruntime

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import xception
-from xception.training.distributed import (
+from xception.distributed import (
     CpuSyncBatchNorm,
     World,
     all_gather_cat,

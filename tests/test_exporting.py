@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from xception.data.transforms import Preprocessing, normalize
-from xception.export import (
+from xception.exporting import (
     export_onnx,
     export_program,
     load_onnx_session,

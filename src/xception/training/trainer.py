@@ -1,0 +1,378 @@
+"""The step and epoch loop of one training run, and its checkpoints.
+
+Exactness over cleverness: everything that decides the next weights (data order,
+augmentation, dropout masks, learning rate, averaging) is a function of the seed and the
+position in training, and all of it is in the checkpoint. On a CPU, N steps in one go
+and k steps + resume + N-k steps give bitwise identical weights.
+
+Constructing a ``Trainer`` checks everything (data, model, batch against data) and writes
+nothing; only ``run`` writes, so a run that cannot start leaves no trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xception.data.loaders import (
+    Batch,
+    EvalBatchSampler,
+    ImageDataset,
+    TrainBatchSampler,
+    make_loader,
+)
+from xception.devices import autocast, model_input, resolve_device
+from xception.distributed import World, convert_sync_batchnorm
+from xception.evaluation import class_frequency_weights, evaluate, primary_metric
+from xception.files import atomic_write
+from xception.runtime import compile_for_training
+from xception.training import checkpoint as ckpt
+from xception.training.builders import (
+    build_model,
+    build_optimizer,
+    build_schedule,
+    build_splits,
+    loss,
+)
+from xception.training.config import TrainConfig
+from xception.training.ema import ModelEma
+from xception.training.logs import RunLogs
+from xception.training.optim import set_lr
+from xception.training.progress import Progress
+from xception.weights import load_weights, write_weights
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss diverged); the last checkpoint is intact."""
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    metrics: dict[str, float]
+    images: int
+    seconds: float
+
+
+class Trainer:
+    """One training run: construct (checks, builds, writes nothing), optionally
+    ``restore`` a checkpoint, then ``run``."""
+
+    def __init__(
+        self, config: TrainConfig, recipe: str | None, world: World, progress: bool = True
+    ) -> None:
+        self.config, self.recipe, self.world = config, recipe, world
+        self.progress = progress and world.is_main
+        self.run_dir: Path | None = None
+        self.device = resolve_device(config.device)
+        if world.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", world.local_rank)
+            torch.cuda.set_device(self.device)
+        self.splits = build_splits(config, world, self.progress)
+        train_split, val_split = self.splits["train"], self.splits["val"]
+        self.classes = train_split.classes
+        self.multi_label = train_split.multi_label
+        self.score_key = "val_" + primary_metric(self.multi_label)
+
+        torch.manual_seed(config.seed)
+        self.model = build_model(config, len(self.classes)).to(self.device)
+        if world.distributed and config.sync_bn:
+            self.model = convert_sync_batchnorm(self.model, self.device.type)
+        if config.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = (
+            ModelEma(self.model, config.ema_decay, config.ema_warmup)
+            if config.ema_decay > 0
+            else None
+        )
+        self.optimizer = build_optimizer(config, self.model)
+        self.schedule = build_schedule(config)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.position = ckpt.Position()
+        self.best: float | None = None
+        self.pre = config.preprocessing()
+        self.steps_per_epoch = len(train_split) // config.batch_size
+        self.total_steps = self.steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.class_weights = (
+            class_frequency_weights(train_split.label_matrix()) if self.multi_label else None
+        )
+        pin = self.device.type == "cuda"
+        self.sampler = TrainBatchSampler(
+            len(train_split),
+            config.batch_size // config.grad_accum,
+            config.seed,
+            world.rank,
+            world.size,
+        )
+        self.train_loader = make_loader(
+            ImageDataset(train_split, self.pre, True, config.seed),
+            self.sampler,
+            config.workers,
+            pin,
+        )
+        self.val_loader = make_loader(
+            ImageDataset(val_split, self.pre, False),
+            EvalBatchSampler(len(val_split), config.eval_batch_size, world.rank, world.size),
+            config.workers,
+            pin,
+        )
+        self.skipped: set[str] = set()
+
+    # -- checkpoints ------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        spec = self.config.builtin_data()
+        return {
+            "classes": list(self.classes),
+            "preprocessing": asdict(self.pre),
+            "multi_label": self.multi_label,
+            "step": self.position.step,
+            "epoch": self.position.epoch,
+            "averaged": self.ema is not None,
+            "recipe": self.recipe,
+            "builtin_data": asdict(spec) if spec else None,
+        }
+
+    def save(self, metrics: dict[str, float] | None = None, best: bool = False) -> None:
+        """Save ``last`` (and first ``best``, so a crash in between cannot leave a stale
+        best file behind a state that already records the new best)."""
+        if self.run_dir is None:
+            return
+        averaged = self.ema.averaged if self.ema is not None else self.model
+        raw = self.model if self.ema is not None else None
+        meta = {**self.metadata(), "metrics": metrics or {}}
+
+        def write(tmp: str) -> None:
+            write_weights(tmp, averaged, self.config.model, meta, raw=raw)
+
+        if best:
+            atomic_write(self.run_dir / "best.safetensors", write)
+
+        state = {
+            "position": asdict(self.position),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema_updates": self.ema.num_updates if self.ema is not None else 0,
+            "best": self.best,
+            "rng": ckpt.rng_state(),
+        }
+        ckpt.save_checkpoint(self.run_dir / "last.safetensors", write, state)
+
+    def restore(self, weights_path: Path) -> None:
+        """Continue from a checkpoint of this run: weights, optimiser, RNG, position."""
+        state = ckpt.load_state(weights_path)
+        load_weights(self.model, weights_path, raw=self.ema is not None)
+        if self.ema is not None:
+            load_weights(self.ema.averaged, weights_path)
+            self.ema.num_updates = state["ema_updates"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.position = ckpt.Position(**state["position"])
+        self.best = state["best"]
+        ckpt.set_rng_state(state["rng"])
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self, run_dir: Path | None) -> tuple[dict[str, float], int, float]:
+        """Train to the end; the last metrics, images trained on and seconds spent on them.
+        Only rank 0 writes into ``run_dir``."""
+        config = self.config
+        self.run_dir = run_dir if self.world.is_main else None
+        logs = RunLogs(
+            self.run_dir, f"{config.model} ({self.recipe or 'custom'})", self.position.step
+        )
+        bar = Progress(self.total_steps, self.position.step, self.progress)
+        model = self._wrap(self.model)
+        logs.info(
+            "training %s on %d images (%d classes), %d steps of %d images, from step %d",
+            config.model,
+            len(self.splits["train"]),
+            len(self.classes),
+            self.total_steps,
+            config.batch_size,
+            self.position.step,
+        )
+        metrics = logs.rows[-1] if logs.rows else {}
+        images, seconds = 0, 0.0
+        try:
+            while self.position.step < self.total_steps:
+                epoch = self.position.epoch
+                self.sampler.set_position(epoch, self.position.batch_in_epoch * config.grad_accum)
+                trained = self._train_epoch(model, bar, logs)
+                images, seconds = images + trained.images, seconds + trained.seconds
+                finished_epoch = self.position.batch_in_epoch == 0
+                if finished_epoch or self.position.step >= self.total_steps:
+                    done = self.position.batch_in_epoch / self.steps_per_epoch
+                    metrics = {
+                        "epoch": epoch + (1 if finished_epoch else done),
+                        "step": self.position.step,
+                        "lr": self._lr(),
+                        **trained.metrics,
+                        **self._evaluate(),
+                    }
+                    self._end_of_epoch(metrics, logs, bar)
+        finally:
+            bar.close()
+            logs.close()
+        return metrics, images, seconds
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.world.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.config.compile:
+            model = compile_for_training(model, self.device)
+        return model
+
+    def _train_epoch(self, model: nn.Module, bar: Progress, logs: RunLogs) -> EpochResult:
+        config = self.config
+        model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        counted, images, micro = 0, 0, 0
+        tick = time.perf_counter()
+        for batch in self.train_loader:
+            self._note_skipped(batch.skipped, logs)
+            # A batch whose files were all unreadable still counts as a micro-step (with zero
+            # weight), so the position advances and every rank joins the gradient all-reduce.
+            empty = batch.images.shape[0] == 0
+            images_in = self._placeholder(batch) if empty else batch
+            x = model_input(images_in.images, self.pre, self.device, config.channels_last)
+            y = images_in.targets.to(self.device, non_blocking=True)
+            micro += 1
+            sync = micro == config.grad_accum
+            no_sync = getattr(model, "no_sync", None)
+            context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+            with context, autocast(self.device, config.amp):
+                value = loss(model(x), y, self.multi_label, config.label_smoothing)
+                value = value * (0.0 if empty else 1.0)
+            self.scaler.scale(value / config.grad_accum).backward()
+            if not empty:
+                loss_sum += value.detach().double() * x.shape[0]
+                counted += x.shape[0]
+            if not sync:
+                continue
+            micro = 0
+            self._step(value)
+            images += config.batch_size
+            step = self.position.step
+            if step % config.log_every == 0 or step >= self.total_steps:
+                self._check_finite(value)
+                rate = images / max(time.perf_counter() - tick, 1e-9)
+                bar.update(step, value.item(), rate)
+                logs.scalars(
+                    {
+                        "train/loss": value.item(),
+                        "train/lr": self._lr(),
+                        "train/images_per_s": rate,
+                    },
+                    step,
+                )
+            else:
+                bar.update(step, None, None)
+            if config.save_every and step % config.save_every == 0:
+                self._check_finite(value)
+                self.save()
+            if step >= self.total_steps or self.position.batch_in_epoch == 0:
+                break
+        total = torch.stack(
+            [loss_sum, torch.tensor(float(counted), dtype=torch.float64, device=self.device)]
+        )
+        if self.world.distributed:
+            torch.distributed.all_reduce(total)
+        return EpochResult(
+            {"train_loss": (total[0] / total[1].clamp(min=1)).item()},
+            images,
+            time.perf_counter() - tick,
+        )
+
+    def _lr(self) -> float:
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
+
+    def _placeholder(self, batch: Batch) -> Batch:
+        """One blank image standing in for a batch of unreadable files."""
+        size = self.config.image_size
+        target = (
+            torch.zeros(1, len(self.classes))
+            if self.multi_label
+            else torch.zeros(1, dtype=torch.long)
+        )
+        return Batch(torch.zeros(1, 3, size, size, dtype=torch.uint8), target, batch.skipped)
+
+    def _step(self, value: torch.Tensor) -> None:
+        position = self.position
+        epoch_float = position.epoch + position.batch_in_epoch / self.steps_per_epoch
+        samples = position.step * self.config.batch_size
+        set_lr(self.optimizer, self.schedule.lr_at(position.step, epoch_float, samples))
+        if self.device.type == "cpu":
+            self._check_finite(value)  # cheap on a CPU; on GPUs it waits for the log interval
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        batch, epoch = position.batch_in_epoch + 1, position.epoch
+        if batch == self.steps_per_epoch:
+            batch, epoch = 0, epoch + 1
+        self.position = ckpt.Position(position.step + 1, epoch, batch)
+
+    def _check_finite(self, value: torch.Tensor) -> None:
+        """Raise on a non-finite loss; under DDP all ranks decide together (sum the losses:
+        one rank's NaN makes every rank's sum NaN), so none is left waiting in a collective."""
+        value = value.detach().float().reshape(()).clone()  # never reduce the loss in place
+        if self.world.distributed:
+            value = value.to(self.device)
+            torch.distributed.all_reduce(value)
+        number = value.item()
+        if not math.isfinite(number):
+            raise TrainingError(
+                f"the loss became {number} at step {self.position.step}; "
+                "stopped without saving (the last checkpoint is intact). "
+                "Try a lower learning rate or --amp none"
+            )
+
+    def _note_skipped(self, skipped: list[str], logs: RunLogs) -> None:
+        for entry in skipped:
+            if entry not in self.skipped:
+                self.skipped.add(entry)
+                logs.info("skipped unreadable file %s", entry)
+
+    def _evaluate(self) -> dict[str, float]:
+        models = {"val": self.ema.averaged if self.ema is not None else self.model}
+        if self.ema is not None:
+            models["val_raw"] = self.model
+        metrics: dict[str, float] = {}
+        for prefix, model in models.items():
+            result, skipped = evaluate(
+                model,
+                self.val_loader,
+                self.device,
+                self.pre,
+                self.world,
+                self.multi_label,
+                self.class_weights,
+                self.config.channels_last,
+                self.config.amp,
+            )
+            self.skipped.update(skipped)
+            metrics.update({f"{prefix}_{key}": value for key, value in result.items()})
+        return metrics
+
+    def _end_of_epoch(self, metrics: dict[str, float], logs: RunLogs, bar: Progress) -> None:
+        self._check_finite(torch.tensor(metrics["train_loss"]))
+        improved = self.best is None or metrics[self.score_key] > self.best
+        if improved:
+            self.best = metrics[self.score_key]
+        self.save(metrics, best=improved)
+        logs.epoch(metrics)
+        shown = ("train_loss", "val_loss", self.score_key, "val_raw_" + self.score_key[4:])
+        bar.line(
+            f"epoch {metrics['epoch']:.2f} step {metrics['step']}: "
+            + ", ".join(f"{key} {metrics[key]:.4f}" for key in shown if key in metrics)
+        )

@@ -1,0 +1,55 @@
+"""Weight files: safetensors with JSON metadata, strict loads that name what is wrong."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import xception
+from xception.weights import load_weights, read_metadata, save_weights
+
+
+def test_weights_round_trip_through_a_safetensors_file(tmp_path):
+    torch.manual_seed(0)
+    model = xception.create_model("xception_tiny", num_classes=5).eval()
+    path = tmp_path / "w.safetensors"
+    save_weights(model, path, "xception_tiny", {"classes": ["a", "b", "c", "d", "e"]})
+    loaded = xception.create_model("xception_tiny", num_classes=5, weights=path).eval()
+    x = torch.randn(2, 3, 71, 71)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    meta = read_metadata(path)
+    assert meta["model"] == "xception_tiny" and meta["config"]["num_classes"] == 5
+    assert meta["classes"] == ["a", "b", "c", "d", "e"]
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left nothing behind
+
+
+def test_mismatched_weights_name_the_first_offending_tensor(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_weights(xception.create_model("xception_tiny", num_classes=5), path, "xception_tiny")
+    target = xception.create_model("xception_tiny", num_classes=7)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"head.classifier.weight has shape \(5, 512\).*\(7, 512\)"
+    ):
+        load_weights(target, path)
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items())
+    state = load_file(path)
+    del state["entry_flow.block2.shortcut.conv.weight"]
+    save_file(state, path)
+    with pytest.raises(ValueError, match=r"lacks entry_flow.block2.shortcut.conv.weight \(expe"):
+        xception.create_model("xception_tiny", num_classes=5, weights=path)
+
+
+def test_missing_or_corrupt_weight_files_fail_cleanly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        xception.create_model("xception_tiny", weights=tmp_path / "nope.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        xception.create_model("xception_tiny", weights=corrupt)
+    good = tmp_path / "good.safetensors"
+    save_weights(xception.create_model("xception_tiny"), good, "xception_tiny")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        xception.create_model("xception_tiny", weights=truncated)
