@@ -12,7 +12,7 @@ python -c "import torch, timm, onnxruntime; print('torch', torch.__version__, 't
 for keep in 1 0; do
     for batch in 1 8; do
         XCEPTION_KEEP_FREED_MEMORY=$keep xception bench xception --batch-size "$batch" \
-            --no-channels-last \
+            --device cpu --no-channels-last \
             --rounds "${ROUNDS:-7}" --contender timm:legacy_xception --contender ours \
             --contender ours-fast --contender ours-compiled --contender onnxruntime \
             --json "$out/cpu_inference_b${batch}_keep$keep.json"
@@ -20,6 +20,6 @@ for keep in 1 0; do
 done
 # Training (forward + backward + SGD step) at 128x128, batch 16, with peak memory.
 xception bench xception --mode train --batch-size 16 --image-size 128 --rounds "${ROUNDS:-7}" \
-    --no-channels-last \
+    --device cpu --no-channels-last \
     --memory --contender timm:legacy_xception --contender ours --contender ours-fast \
     --contender ours-compiled --json "$out/cpu_train_b16_128.json"

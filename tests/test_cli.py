@@ -43,6 +43,9 @@ def test_summary_applies_overrides_and_image_size(capsys):
         (["summary", "xception", "--override", "spatial_groups=16"], "spatial_groups=16"),
         (["summary", "xception", "--override", "residual"], "not of the form key=value"),
         (["summary", "xception", "--image-size", "64"], "H, W >= 71"),
+        (["summary", "xception", "--override", "width_multiplier=inf"], "must be finite"),
+        (["train", "--set", "model_overrides={a: [1"], "is not a mapping of option"),
+        (["train", "--set", "model_overrides={}", "--override", "residual=0"], "not both"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_status_2(capsys, argv, message):

@@ -35,6 +35,7 @@ class Example:
         ("groups", "8", 8),
         ("groups", 8.0, 8),  # JSON may write an int as a float
         ("stride", "16", 16),
+        ("stride", 16.0, 16),  # JSON's float for a Literal of ints
         ("act", "relu", "relu"),
         ("flag", "False", False),
         ("flag", "true", True),
@@ -60,6 +61,8 @@ def test_values_from_any_source_become_the_annotated_type(field, given, expected
         ("flag", 1, r"Example.flag=1 is not bool"),
         ("groups", True, r"Example.groups=True is not int \| None"),
         ("rate", "fast", r"Example.rate='fast' is not float"),
+        ("rate", float("nan"), r"Example.rate=nan must be finite"),
+        ("mean", "0.5,inf,0.5", r"Example.mean=\(0.5, inf, 0.5\) must be finite"),
     ],
 )
 def test_invalid_values_fail_naming_the_field_the_value_and_the_type(field, given, message):

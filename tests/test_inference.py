@@ -10,7 +10,7 @@ from PIL import Image
 
 from xception.cli import main
 from xception.data.transforms import normalize
-from xception.inference import Predictor, evaluate_weights, predict_paths, read_preprocessing
+from xception.inference import Predictor, evaluate_weights, read_preprocessing
 from xception.registry import load_model
 from xception.training.config import resolve
 from xception.training.run import train
@@ -92,11 +92,17 @@ def test_eval_refuses_data_with_other_classes(trained, tmp_path):
         evaluate_weights(weights, str(other), workers=0)
 
 
+def predict_paths(weights, paths, top_k=5):
+    rows = Predictor.load(weights).predict(paths, top_k)
+    return rows, sum("error" in row for row in rows)
+
+
 def test_predict_ranks_classes_and_reports_bad_files(trained, tmp_path, capsys):
     root, weights = trained
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"garbage")
-    rows, failures = predict_paths(weights, [root / "val" / "red", bad], top_k=2)
+    (tmp_path / "empty").mkdir()
+    rows, failures = predict_paths(weights, [root / "val" / "red", bad, tmp_path / "empty"], 2)
     assert failures == 1 and len(rows) == 7
     good = [row for row in rows if "predictions" in row]
     assert all(len(row["predictions"]) == 2 for row in good)
@@ -166,10 +172,12 @@ def test_user_errors_exit_2_with_one_line(argv, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
-def test_predict_on_a_missing_image_is_a_user_error(trained, capsys):
+def test_predict_on_a_missing_image_or_no_images_is_a_user_error(trained, tmp_path, capsys):
     _, weights = trained
     assert main(["predict", "--weights", str(weights), "missing.png"]) == 2
     assert "no such image or folder" in capsys.readouterr().err
+    assert main(["predict", "--weights", str(weights), str(tmp_path)]) == 2
+    assert "no images found in" in capsys.readouterr().err
 
 
 def test_predict_runs_an_onnx_export_like_the_weights(trained, tmp_path):

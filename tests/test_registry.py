@@ -95,7 +95,7 @@ def randomise_batchnorm(model):
         ("inception_v3", {}, r"holds xception_tiny weights, which inception_v3 cannot take"),
         ("xception_tiny", {"num_classes": 10}, r"has 1000 classes, not num_classes=10"),
         ("xception_tiny", {"mid_activation": "tanh"}, r"mid_activation='tanh' is not one of"),
-        ("xception_tiny", {"depth": 3}, r"unknown XceptionConfig option 'depth'"),
+        ("xception_tiny", {"depth": 3}, r"unknown xception_tiny option 'depth'"),
     ],
 )
 def test_what_would_change_a_files_function_fails_naming_both_values(
@@ -106,6 +106,13 @@ def test_what_would_change_a_files_function_fails_naming_both_values(
     save_weights(saved, path, "xception_tiny")
     with pytest.raises(ValueError, match=message):
         xception.create_model(name, weights=path, **overrides)
+
+
+def test_another_name_with_overrides_that_match_the_file_loads_it(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_weights(xception.create_model("xception_tiny"), path, "xception_tiny")
+    tiny = xception.create_model("xception", weights=path, width_multiplier=0.25, middle_blocks=2)
+    assert tiny.config == xception.model_config("xception_tiny")
 
 
 def test_training_settings_may_differ_from_the_files(tmp_path):

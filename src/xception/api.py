@@ -53,7 +53,7 @@ def train(
             )
         return resume_run(Path(resume), options, progress)
     values = load_yaml(config) if isinstance(config, str | Path) else dict(config or {})
-    recipe = recipe or values.pop("recipe", None) or "quick"
+    recipe = recipe or values.pop("recipe", None) or "quick"  # an explicit recipe wins
     values.pop("recipe", None)
     run_config = resolve(recipe, values, options)
     return train_run(run_config, recipe, Path(out) if out else None, overwrite, progress)
@@ -67,6 +67,7 @@ def predict(
     raw: bool = False,
     device: str = "auto",
     amp: str = "none",
+    channels_last: bool = True,
 ) -> list[dict[str, Any]]:
     """``xception predict``: the top-k classes of each image, as rows
     ``{"path", "predictions": [{"class", "probability"}, ...]}`` (or ``"error"`` for an
@@ -77,7 +78,7 @@ def predict(
         images = [images]
     elif isinstance(images, torch.Tensor):
         images = list(images) if images.ndim == 4 else [images]
-    return Predictor.load(weights, raw, device, amp).predict(images, top_k)
+    return Predictor.load(weights, raw, device, amp, channels_last).predict(images, top_k)
 
 
 def export(

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from xception.devices import autocast
+from xception.devices import Amp, autocast, synchronize
 from xception.fusion import inference_model
 from xception.registry import create_model
 from xception.runtime import compile_for_training, keep_freed_memory
@@ -37,7 +37,7 @@ class BenchConfig:
     batch_size: int = 8
     image_size: int = 299
     device: str = "cpu"
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    amp: Amp = "none"
     channels_last: bool = False
     compile: bool = False
     warmup: int = 2
@@ -58,11 +58,6 @@ class Result:
 
     def images_per_second(self, batch: int) -> float:
         return batch / self.median
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _input(config: BenchConfig, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -236,18 +231,18 @@ def time_steps(
     for spec, step in steps.items():  # warm-up (and compilation) before any timing
         for _ in range(config.warmup):
             step()
-        _sync(device)
+        synchronize(device)
         if progress:
             progress(f"warmed up {spec}")
     for _ in range(config.rounds):
         for spec, step in steps.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(config.iterations):
                 step()
-            _sync(device)
+            synchronize(device)
             results[spec].seconds.append((time.perf_counter() - start) / config.iterations)
             if device.type == "cuda":
                 results[spec].peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20

@@ -164,6 +164,8 @@ def train_options(args: argparse.Namespace) -> dict[str, Any]:
     }
     values.update(key_value_dict(args.set))
     if args.override:
+        if "model_overrides" in values:
+            raise ValueError("give model fields with --override or --set model_overrides, not both")
         values["model_overrides"] = key_value_dict(args.override)
     return values
 

@@ -11,6 +11,7 @@ config cannot be constructed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -81,7 +82,10 @@ def _parse_text(hint: object, text: str) -> Any:
             inner = word.strip("()[]").strip()
             return _as_tuple(option, [item.strip() for item in inner.split(",") if item.strip()])
         if typing.get_origin(option) is dict:
-            loaded = yaml.safe_load(text)
+            try:
+                loaded = yaml.safe_load(text)
+            except yaml.YAMLError:
+                return text
             return loaded if isinstance(loaded, dict) else text
     return text
 
@@ -89,7 +93,7 @@ def _parse_text(hint: object, text: str) -> Any:
 def coerce(hint: object, value: Any) -> Any:
     """``value`` as the annotated type where that is unambiguous: lists as tuples, text as
     numbers, booleans, None or tuples, paths as text; anything else unchanged."""
-    if hint is Any or hint is typing.Any:
+    if hint is Any:
         return value
     if isinstance(value, os.PathLike) and str in _options(hint):
         return os.fspath(value)
@@ -100,8 +104,10 @@ def coerce(hint: object, value: Any) -> Any:
             if typing.get_origin(option) is tuple:
                 return _as_tuple(option, value)
     whole = isinstance(value, float) and value.is_integer()
-    if whole and int in _options(hint) and float not in _options(hint):
-        return int(value)  # JSON and YAML may write 8 as 8.0
+    if whole and float not in _options(hint):
+        literal = choices(hint) or ()
+        if int in _options(hint) or int(value) in literal:
+            return int(value)  # JSON and YAML may write 8 as 8.0
     return value
 
 
@@ -150,7 +156,13 @@ def normalize(config: object) -> None:
         value = coerce(hint, getattr(config, field.name))
         if not _accepts(hint, value):
             raise ValueError(f"{name}.{field.name}={value!r} is not {_describe(hint)}")
+        if any(isinstance(v, float) and not math.isfinite(v) for v in _numbers(value)):
+            raise ValueError(f"{name}.{field.name}={value!r} must be finite")
         object.__setattr__(config, field.name, value)
+
+
+def _numbers(value: Any) -> tuple[Any, ...]:
+    return value if isinstance(value, tuple) else (value,)
 
 
 def check_numbers(config: object, allow_zero: tuple[str, ...] = ()) -> None:
@@ -179,3 +191,10 @@ def from_values(cls: type, values: Mapping[str, Any], what: str) -> Any:
     """A config from stored or parsed values (YAML, JSON metadata, flags), unknown keys named."""
     check_known(cls, values, what)
     return cls(**values)
+
+
+def coerce_values(cls: type, values: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Some fields of ``cls`` (overrides to apply later) as their annotated types."""
+    check_known(cls, values, what)
+    hints = typing.get_type_hints(cls)
+    return {key: coerce(hints[key], value) for key, value in values.items()}

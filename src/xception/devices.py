@@ -5,13 +5,16 @@ the device a ``--device`` name means, autocast for ``--amp``, and the batch a mo
 from __future__ import annotations
 
 import re
+import typing
+from typing import Literal
 
 import torch
 
 from xception.data.transforms import Preprocessing, normalize
 
-DEVICE_HELP = "auto (a GPU if there is one), cpu, cuda, cuda:N or mps"
-AMP_CHOICES = ("none", "bf16", "fp16")
+DEVICE_HELP = "auto (a CUDA GPU if there is one, else the CPU), cpu, cuda, cuda:N or mps"
+Amp = Literal["none", "bf16", "fp16"]
+AMP_CHOICES: tuple[str, ...] = typing.get_args(Amp)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -28,9 +31,7 @@ def resolve_device(name: str) -> torch.device:
     """The device ``name`` stands for, failing with one line when it is not there."""
     check_device_name(name)
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -43,6 +44,20 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name} was asked for, but MPS is not available")
     return device
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums of losses and counts (exact to 2**53), except on MPS, which has no
+    float64 (float32 counts are exact to 2**24 samples). MPS has not been tested here."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (for timings)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def autocast(device: torch.device, amp: str) -> torch.autocast:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xception.devices import autocast, model_input
+from xception.devices import accumulator_dtype, autocast, model_input
 from xception.distributed import all_gather_cat, all_reduce_sum
 
 __all__ = [
@@ -63,20 +63,21 @@ def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) ->
 class ClassificationMeter:
     """Streaming top-1 / top-5 / mean-loss accumulator for single-label evaluation.
 
-    The whole state is ``sums``: one float64 tensor ``[samples, top1 hits, top5 hits,
-    loss sum]``. Under DDP a caller does ``dist.all_reduce(meter.state())`` once and then
-    ``compute()``; float64 counts are exact up to 2**53 samples. Updates stay on the
+    The whole state is ``sums``: one tensor ``[samples, top1 hits, top5 hits, loss sum]``
+    (float64, exact up to 2**53 samples; float32 on MPS, which lacks float64). Under DDP a
+    caller does ``dist.all_reduce(meter.state())`` once and then ``compute()``. Updates stay on the
     logits' device and never synchronise with the host.
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        dtype = accumulator_dtype(torch.device(device or "cpu"))
+        self.sums = torch.zeros(4, dtype=dtype, device=device)
 
     def update(self, logits: Tensor, targets: Tensor, loss_sum: Tensor | float = 0.0) -> None:
         """Add a batch; ``loss_sum`` is the batch's summed (not averaged) per-sample loss."""
         if self.sums.device != logits.device:
-            self.sums = self.sums.to(logits.device)
-        hits = _topk_hits(logits.detach(), targets, (1, 5)).to(torch.float64)
+            self.sums = self.sums.to(logits.device, accumulator_dtype(logits.device))
+        hits = _topk_hits(logits.detach(), targets, (1, 5)).to(self.sums.dtype)
         self.sums[0] += targets.shape[0]
         self.sums[1:3] += hits
         self.sums[3] += loss_sum.detach() if isinstance(loss_sum, Tensor) else loss_sum
@@ -88,7 +89,7 @@ class ClassificationMeter:
     def merge(self, other: ClassificationMeter | Tensor) -> None:
         """Add another meter's sums (or a ``state()`` tensor), e.g. gathered from other ranks."""
         sums = other.sums if isinstance(other, ClassificationMeter) else other
-        self.sums += sums.to(self.sums.device, torch.float64)
+        self.sums += sums.to(self.sums.device, self.sums.dtype)
 
     def reset(self) -> None:
         self.sums.zero_()
@@ -96,8 +97,8 @@ class ClassificationMeter:
     @staticmethod
     def compute_from(sums: Tensor) -> dict[str, float]:
         """``compute`` for a sums tensor, e.g. one all-reduced across ranks."""
-        meter = ClassificationMeter(sums.device)
-        meter.sums = sums.to(torch.float64)
+        meter = ClassificationMeter()
+        meter.sums = sums.cpu().to(torch.float64)
         return meter.compute()
 
     def compute(self) -> dict[str, float]:
@@ -257,7 +258,7 @@ def evaluate(
     model.eval()
     meter = ClassificationMeter(device)
     scores, targets, skipped = [], [], []
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=accumulator_dtype(device), device=device)
     for batch in loader:
         skipped += batch.skipped
         if batch.images.shape[0] == 0:

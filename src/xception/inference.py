@@ -90,7 +90,7 @@ class Predictor:
         amp: str = "none",
         channels_last: bool = True,
     ) -> Predictor:
-        weights = Path(weights)
+        weights = Path(weights).expanduser()
         if weights.suffix == ".onnx":
             from xception.exporting import load_onnx_session
 
@@ -155,11 +155,15 @@ class Predictor:
         """(name, uint8 image or error message) for every input, the images of folders
         included; missing files and empty folders fail before any image is read."""
         inputs: list[Path | tuple[str, Image.Image | torch.Tensor]] = []
+        paths: list[Path] = []
         for index, item in enumerate(images):
             if isinstance(item, str | Path):
-                inputs += expand([Path(item)])
+                paths.append(Path(item))
+                inputs += images_in(paths[-1])
             else:
                 inputs.append((f"<image {index}>", item))
+        if paths and not any(isinstance(entry, Path) for entry in inputs):
+            raise ValueError(f"no images found in {', '.join(map(str, paths))}")
         for entry in inputs:
             if isinstance(entry, Path):
                 path, image = next(single_images([entry], self.pre))
@@ -252,33 +256,13 @@ def evaluate_weights(
     return result
 
 
-def expand(paths: list[Path]) -> list[Path]:
-    """Files as given and the images in folders (recursively, sorted)."""
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif path.exists():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such image or folder: {path}")
-    if not files:
-        raise ValueError(f"no images found in {', '.join(map(str, paths))}")
-    return files
-
-
-def predict_paths(
-    weights: str | Path,
-    paths: list[Path],
-    top_k: int = 5,
-    raw: bool = False,
-    device: str = "auto",
-    amp: str = "none",
-) -> tuple[list[dict[str, Any]], int]:
-    """Rows of ``Predictor.predict`` for files and folders, and how many failed."""
-    predictor = Predictor.load(weights, raw, device, amp)
-    rows = predictor.predict(paths, top_k)
-    return rows, sum("error" in row for row in rows)
+def images_in(path: Path) -> list[Path]:
+    """A file as given, or the images in a folder (recursively, sorted)."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not path.exists():
+        raise FileNotFoundError(f"no such image or folder: {path}")
+    return [path]
 
 
 def format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:

@@ -12,6 +12,7 @@ Padding modes (``Padding``):
 
 from __future__ import annotations
 
+import typing
 from collections import OrderedDict
 from typing import Literal
 
@@ -23,8 +24,8 @@ from xception.config import check_choice
 
 Padding = Literal["tf", "symmetric", "valid"]
 Activation = Literal["none", "relu", "relu6", "elu"]
-PADDINGS: tuple[str, ...] = ("tf", "symmetric", "valid")
-ACTIVATIONS: tuple[str, ...] = ("none", "relu", "relu6", "elu")
+PADDINGS: tuple[str, ...] = typing.get_args(Padding)
+ACTIVATIONS: tuple[str, ...] = typing.get_args(Activation)
 
 
 def _static_padding(padding: str, kernel: int, stride: int, dilation: int) -> int | None:

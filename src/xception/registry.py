@@ -84,13 +84,13 @@ def create_model(
             raise ValueError("create_model needs a model name or a weights file")
         model = get_entry(name).model_class(model_config(name, **overrides))
     else:
-        model, _ = _build_from_file(Path(weights), name, overrides, raw)
+        model, _ = _build_from_file(Path(weights).expanduser(), name, overrides, raw)
     return FeatureExtractor(model) if features_only else model
 
 
 def load_model(path: str | Path, raw: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """The network a weights file records, with its weights, and the file's metadata."""
-    return _build_from_file(Path(path), None, {}, raw)
+    return _build_from_file(Path(path).expanduser(), None, {}, raw)
 
 
 def _build_from_file(
@@ -107,8 +107,8 @@ def _build_from_file(
     else:
         recorded, saved = _recorded(metadata, path)
         if name is not None and name != recorded:
-            _check_same_network(path, name, model_config(name), recorded, saved)
-        config = _with_overrides(path, saved, overrides)
+            _check_same_network(path, name, model_config(name, **overrides), recorded, saved)
+        config = _with_overrides(path, recorded, saved, overrides)
         name = recorded
     model = get_entry(name).model_class(config)
     load_weights(model, path, raw=raw)
@@ -150,11 +150,11 @@ def _check_same_network(path: Path, name: str, named: Any, recorded: str, saved:
         )
 
 
-def _with_overrides(path: Path, saved: Any, overrides: dict[str, Any]) -> Any:
+def _with_overrides(path: Path, recorded: str, saved: Any, overrides: dict[str, Any]) -> Any:
     """The file's config with the overrides that leave its function alone."""
     if not overrides:
         return saved
-    check_known(type(saved), overrides, f"{type(saved).__name__} option")
+    check_known(type(saved), overrides, f"{recorded} option")
     wanted = dataclasses.replace(saved, **overrides)
     for key in _differences(saved, wanted):
         if key == "num_classes":

@@ -179,3 +179,12 @@ def test_spectrum_arms_train_with_the_fan_in_scaled_spatial_rate_and_others_with
     residual = experiments.get_experiment("residual")
     (arm, _) = experiments.arms(residual, tiny)
     assert not runner.arm_config(plan, tiny, residual, arm, 0).spatial_lr_fan_in
+
+
+def test_plans_read_set_values_as_training_option_types():
+    from xception.reproduction.runner import Plan
+
+    typed = Plan("residual", train_overrides={"epochs": 4, "ema_decay": 0.0}).identity
+    assert Plan("residual", train_overrides={"epochs": "04", "ema_decay": "0"}).identity == typed
+    with pytest.raises(ValueError, match="unknown training option 'epoch'"):
+        Plan("residual", train_overrides={"epoch": "4"})

@@ -32,6 +32,34 @@ def test_model_overrides_merge_key_by_key_across_layers():
     assert config.model_config(3).bn_momentum == 0.2 and config.model_config(3).num_classes == 3
 
 
+def test_model_overrides_given_as_text_merge_too_and_bad_text_is_named():
+    config = resolve("quick", None, {"model_overrides": "{mid_activation: relu}"})
+    assert config.model_overrides == {"bn_momentum": 0.1, "mid_activation": "relu"}
+    with pytest.raises(ValueError, match=r"model_overrides='\{a: \[1' is not a mapping"):
+        resolve("quick", None, {"model_overrides": "{a: [1"})
+
+
+@pytest.mark.parametrize(
+    ("key", "field"),
+    [
+        ("dropout", "the training option dropout"),
+        ("image_size", "the training option image_size"),
+        ("num_classes", "the data's classes"),
+    ],
+)
+def test_model_fields_a_run_sets_itself_are_refused_in_model_overrides(key, field):
+    with pytest.raises(ValueError, match=f"model_overrides may not set {key}: {field}"):
+        resolve("quick", None, {"model_overrides": {key: 0.3}})
+
+
+def test_config_yaml_of_earlier_versions_still_resumes(tmp_path):
+    """Runs saved `loss: softmax|sigmoid`; the loss now follows the data."""
+    config = resolve("quick")
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(config, "quick") + "loss: softmax\n")
+    assert from_yaml_file(path) == (config, "quick")
+
+
 def test_flags_override_yaml_over_recipe_over_defaults():
     config = resolve("quick", {"epochs": 3, "lr": 0.1}, {"lr": "0.2"})
     assert (config.epochs, config.lr, config.optimizer) == (3, 0.2, "adamw")

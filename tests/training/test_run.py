@@ -71,6 +71,7 @@ def test_existing_runs_are_not_overwritten(image_folder, tmp_path):
         ({"device": "cuda"}, ValueError, "no CUDA device"),
         ({"image_size": 64}, ValueError, "minimum input size 71"),
         ({"batch_size": 1000}, ValueError, "fewer than one batch"),
+        ({"batch_size": 64, "grad_accum": 2}, ValueError, "fewer than one batch of 64"),
         ({"multi_label": True}, ValueError, "needs multi-label data"),
     ],
 )

@@ -95,7 +95,7 @@ def _manifest_split(root: Path, split: str) -> tuple[list[str], list[list[str]]]
 
 def discover(root: str | Path) -> dict[str, Split]:
     """Both splits of a data set, checked: same classes, no empty class, nothing missing."""
-    root = Path(root)
+    root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"--data must be a folder, and {root} is a file")
     if not root.is_dir():

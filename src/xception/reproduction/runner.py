@@ -31,9 +31,10 @@ from xception.benchmarking import (
     time_steps,
     torch_step,
 )
+from xception.config import coerce_values, normalize
 from xception.data.folder import discover
 from xception.data.synthetic import materialize
-from xception.devices import resolve_device
+from xception.devices import check_device_name, resolve_device
 from xception.evaluation import class_prior_score
 from xception.files import write_json
 from xception.registry import create_model, load_model
@@ -71,6 +72,8 @@ class Plan:
     train_overrides: dict[str, Any] = field(default_factory=dict)  # --set, on every arm
 
     def __post_init__(self) -> None:
+        normalize(self)
+        check_device_name(self.device)
         get_experiment(self.experiment), get_scale(self.scale)
         if self.seeds < 1:
             raise ValueError(f"seeds={self.seeds} must be positive")
@@ -80,6 +83,8 @@ class Plan:
                 f"--set {fixed[0]}=... would change what the experiment varies or fixes per "
                 f"arm ({', '.join(EXPERIMENT_OWNED)}); use --data, --seeds or --scale"
             )
+        typed = coerce_values(TrainConfig, self.train_overrides, "training option")
+        object.__setattr__(self, "train_overrides", typed)  # so `4` and `04` are one plan
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -331,7 +336,6 @@ def train_arms(
                     "folder": str(folder),
                     "model": arm.model,
                     "overrides": arm.overrides,
-                    "multi_label": arm.multi_label,
                     "batch_size": config.batch_size,
                     "image_size": config.image_size,
                     **costs[arm.name],

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from xception.config import check_known, from_values, normalize
+from xception.config import check_known, check_numbers, coerce, from_values, normalize
 from xception.data.synthetic import SyntheticSpec
 from xception.data.transforms import Preprocessing
 from xception.devices import DEVICE_HELP, check_device_name
@@ -33,6 +33,29 @@ GROUPS = (
     "checkpointing and logging",
     "hardware",
 )
+# Numbers that may be 0 (every other one must be positive; none may be negative).
+MAY_BE_ZERO = (
+    "workers",
+    "save_every",
+    "warmup_steps",
+    "weight_decay",
+    "momentum",
+    "rmsprop_decay",
+    "dropout",
+    "label_smoothing",
+    "ema_decay",
+    "lr_decay",
+    "seed",
+)
+# Options of earlier versions that runs saved in config.yaml and that no longer exist.
+# `loss` (softmax or sigmoid) now follows the data, as the old loop already enforced.
+RETIRED_OPTIONS = ("loss",)
+# Model config fields that a training run sets itself, and why.
+TRAINING_OWNED = {
+    "image_size": "the training option image_size sets it",
+    "dropout": "the training option dropout sets it",
+    "num_classes": "the data's classes set it",
+}
 # What may change when a run is resumed: how long it runs and how it is driven, never
 # what decides the weights.
 RESUME_OPTIONS = ("epochs", "max_steps", "workers", "save_every", "log_every", "device")
@@ -55,7 +78,7 @@ class TrainConfig:
         None,
         "data",
         "image folder (ROOT/train/<class>/*, ROOT/val/<class>/*) or manifest root "
-        "(ROOT/train.csv, ROOT/val.csv: path,labels); none: the built-in data set",
+        "(ROOT/train.csv, ROOT/val.csv: path,labels); not given: the built-in data set",
     )
     multi_label: bool = option(
         False,
@@ -139,35 +162,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         normalize(self)
         check_device_name(self.device)
-        positive = (
-            "epochs",
-            "batch_size",
-            "eval_batch_size",
-            "image_size",
-            "grad_accum",
-            "lr",
-            "lr_decay_every",
-            "log_every",
-            "builtin_train_per_class",
-            "builtin_val_per_class",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        for name in ("workers", "save_every", "warmup_steps", "weight_decay", "momentum"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must not be negative")
-        for name in ("ema_decay", "label_smoothing", "lr_decay"):
-            if not 0 <= getattr(self, name) <= 1:
+        check_numbers(self, allow_zero=MAY_BE_ZERO)
+        for name in ("ema_decay", "label_smoothing", "lr_decay", "rmsprop_decay"):
+            if getattr(self, name) > 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}"
             )
-        for name in ("max_steps", "lr_reference_batch"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
         self.preprocessing()  # crop_pct, min_crop_area
+        owned = sorted(set(self.model_overrides) & set(TRAINING_OWNED))
+        if owned:
+            raise ValueError(f"model_overrides may not set {owned[0]}: {TRAINING_OWNED[owned[0]]}")
         # The model's config is checked now, before any data is scanned or rendered; its
         # overrides are kept as the typed values the model config made of them.
         model = self.model_config()
@@ -235,10 +241,19 @@ def resolve(
     for layer in (RECIPES[recipe] if recipe else {}, yaml_values or {}, overrides or {}):
         check_known(TrainConfig, layer, "training option")
         for key, value in layer.items():
-            if key == "model_overrides" and isinstance(value, Mapping):
-                value = {**values.get(key, {}), **value}
+            if key == "model_overrides":
+                value = {**values.get(key, {}), **_mapping(value)}
             values[key] = value
     return TrainConfig(**values)
+
+
+def _mapping(value: Any) -> Any:
+    """``model_overrides`` as a mapping to merge (text from ``--set`` read as YAML);
+    anything else is left for the type check to name."""
+    value = coerce(dict[str, Any], value)
+    if not isinstance(value, Mapping):
+        raise ValueError(f"model_overrides={value!r} is not a mapping of option: value")
+    return value
 
 
 def to_yaml(config: TrainConfig, recipe: str | None) -> str:
@@ -250,6 +265,8 @@ def from_yaml_file(path: Path) -> tuple[TrainConfig, str | None]:
     """A run folder's ``config.yaml`` back into the config it was trained with."""
     values = load_yaml(path)
     recipe = values.pop("recipe", None)
+    for key in RETIRED_OPTIONS:
+        values.pop(key, None)
     try:
         return from_values(TrainConfig, values, "training option"), recipe
     except ValueError as error:

@@ -28,7 +28,7 @@ from xception.data.loaders import (
     TrainBatchSampler,
     make_loader,
 )
-from xception.devices import autocast, model_input, resolve_device
+from xception.devices import accumulator_dtype, autocast, model_input, resolve_device
 from xception.distributed import World, convert_sync_batchnorm
 from xception.evaluation import class_frequency_weights, evaluate, primary_metric
 from xception.files import atomic_write
@@ -92,11 +92,17 @@ class Trainer:
             else None
         )
         self.optimizer = build_optimizer(config, self.model)
+        self.wrapped = self._wrap(self.model)  # DDP, compile: may fail, so before any write
         self.schedule = build_schedule(config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.position = ckpt.Position()
         self.best: float | None = None
         self.pre = config.preprocessing()
+        if len(train_split) < config.batch_size:
+            raise ValueError(
+                f"the training split has {len(train_split)} images, fewer than one batch "
+                f"of {config.batch_size}"
+            )
         self.steps_per_epoch = len(train_split) // config.batch_size
         self.total_steps = self.steps_per_epoch * config.epochs
         if config.max_steps is not None:
@@ -188,7 +194,6 @@ class Trainer:
             self.run_dir, f"{config.model} ({self.recipe or 'custom'})", self.position.step
         )
         bar = Progress(self.total_steps, self.position.step, self.progress)
-        model = self._wrap(self.model)
         logs.info(
             "training %s on %d images (%d classes), %d steps of %d images, from step %d",
             config.model,
@@ -204,7 +209,7 @@ class Trainer:
             while self.position.step < self.total_steps:
                 epoch = self.position.epoch
                 self.sampler.set_position(epoch, self.position.batch_in_epoch * config.grad_accum)
-                trained = self._train_epoch(model, bar, logs)
+                trained = self._train_epoch(self.wrapped, bar, logs)
                 images, seconds = images + trained.images, seconds + trained.seconds
                 finished_epoch = self.position.batch_in_epoch == 0
                 if finished_epoch or self.position.step >= self.total_steps:
@@ -233,7 +238,8 @@ class Trainer:
     def _train_epoch(self, model: nn.Module, bar: Progress, logs: RunLogs) -> EpochResult:
         config = self.config
         model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        dtype = accumulator_dtype(self.device)
+        loss_sum = torch.zeros((), dtype=dtype, device=self.device)
         counted, images, micro = 0, 0, 0
         tick = time.perf_counter()
         for batch in self.train_loader:
@@ -253,7 +259,7 @@ class Trainer:
                 value = value * (0.0 if empty else 1.0)
             self.scaler.scale(value / config.grad_accum).backward()
             if not empty:
-                loss_sum += value.detach().double() * x.shape[0]
+                loss_sum += value.detach().to(dtype) * x.shape[0]
                 counted += x.shape[0]
             if not sync:
                 continue
@@ -281,7 +287,7 @@ class Trainer:
             if step >= self.total_steps or self.position.batch_in_epoch == 0:
                 break
         total = torch.stack(
-            [loss_sum, torch.tensor(float(counted), dtype=torch.float64, device=self.device)]
+            [loss_sum, torch.tensor(float(counted), dtype=dtype, device=self.device)]
         )
         if self.world.distributed:
             torch.distributed.all_reduce(total)
