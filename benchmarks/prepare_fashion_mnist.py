@@ -4,7 +4,7 @@ OUT/val/<class>/*.png (the 10,000 test images, the split the data set's publishe
 benchmarks report).
 
     apt-get install dataset-fashion-mnist
-    python scripts/prepare_fashion_mnist.py data/fashion-mnist [--per-class 600 100]
+    python benchmarks/prepare_fashion_mnist.py data/fashion-mnist [--per-class 600 100]
 
 Nothing downloads: the images come from the Debian package's IDX files.
 """
