@@ -42,11 +42,20 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def write_split(source: Path, prefix: str, folder: Path, per_class: int | None) -> int:
+def write_split(
+    source: Path,
+    prefix: str,
+    folder: Path,
+    per_class: int | None,
+    classes: tuple[str, ...] = CLASSES,
+) -> int:
+    """The images of ``classes`` in one IDX split as ``folder/<class>/<index>.png``."""
     images = read_idx(source / f"{prefix}-images-idx3-ubyte.gz")
     labels = read_idx(source / f"{prefix}-labels-idx1-ubyte.gz")
     written = 0
     for label, name in enumerate(CLASSES):
+        if name not in classes:
+            continue
         (folder / name).mkdir(parents=True, exist_ok=True)
         indices = np.flatnonzero(labels == label)[:per_class]  # the files' order: no choice
         for index in indices:

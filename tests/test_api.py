@@ -18,7 +18,7 @@ def test_every_command_has_a_function_at_the_top_level():
 @pytest.mark.parametrize(
     ("command", "function", "renamed"),
     [
-        ("eval", xception.evaluate, {"json": "json_path"}),
+        ("eval", xception.evaluate, {"json": "json_path", "report": "report_dir"}),
         ("export", xception.export, {}),
         ("convert", xception.convert, {"source_format": "source_format", "notop": None}),
     ],

@@ -209,3 +209,19 @@ def test_class_prior_score_is_the_score_of_answering_with_training_frequencies()
     # Single-label: always naming the commonest training class (0) is right for 1 of 3.
     one_hot = torch.eye(3)
     assert class_prior_score(one_hot[[0, 0, 1]], one_hot[[0, 1, 2]], False) == pytest.approx(1 / 3)
+
+
+def test_confusion_and_per_class_results_against_counts_by_hand():
+    from xception.evaluation import ConfusionMatrix, per_class
+
+    meter = ConfusionMatrix(3)
+    logits = torch.eye(3)[[0, 0, 1, 2, 2, 2]]  # predicted 0, 0, 1, 2, 2, 2
+    meter.update(logits, torch.tensor([0, 1, 1, 2, 2, 0]))
+    assert meter.counts.tolist() == [[1, 0, 1], [1, 1, 0], [0, 0, 2]]
+    rows = per_class(meter.counts, ["a", "b", "c"])
+    assert [r["images"] for r in rows] == [2, 2, 2]
+    assert [r["precision"] for r in rows] == pytest.approx([1 / 2, 1.0, 2 / 3])
+    assert [r["recall"] for r in rows] == pytest.approx([1 / 2, 1 / 2, 1.0])
+    assert rows[2]["f1"] == pytest.approx(0.8)
+    empty = per_class(torch.tensor([[2, 0], [0, 0]]), ["x", "y"])
+    assert empty[1]["precision"] == 0 and math.isnan(empty[1]["recall"])

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,3 +248,34 @@ def test_predict_and_eval_use_the_folded_channels_last_model_and_match_eager(tra
         assert row["predictions"][0]["probability"] == pytest.approx(
             expected.max().item(), abs=1e-5
         )
+
+
+def test_predict_writes_a_grad_cam_overlay_per_image(trained, tmp_path, capsys):
+    root, weights = trained
+    images = [root / "val" / "red" / "0.png", root / "val" / "blue" / "0.png"]
+    cams = tmp_path / "cams"
+    argv = ["predict", "--weights", str(weights), "--format", "json", "--cam", str(cams)]
+    assert main([*argv, *map(str, images)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [Path(row["cam"]).name for row in rows] == ["0.png", "0-2.png"]  # names kept apart
+    for row in rows:
+        with Image.open(row["cam"]) as picture:
+            assert picture.size == (288, 288) and picture.mode == "RGB"
+    assert main([*argv, "--cam-class", "green", str(images[0])]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--cam-class", "purple", str(images[0])]) == 2
+    assert "--cam-class 'purple' is not a class" in capsys.readouterr().err
+    assert main(["predict", "--weights", str(weights), "--cam-layer", "x", str(images[0])]) == 2
+    assert "go with --cam DIR" in capsys.readouterr().err
+
+
+def test_eval_reports_per_class_results_and_writes_the_confusion_matrix(trained, tmp_path, capsys):
+    root, weights = trained
+    report = tmp_path / "report"
+    argv = ["eval", "--weights", str(weights), "--data", str(root), "--workers", "0"]
+    assert main([*argv, "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "precision" in out and "blue" in out
+    assert {p.name for p in report.iterdir()} == {"per_class.csv", "confusion.csv", "confusion.png"}
+    counts = [row.split(",")[1:] for row in (report / "confusion.csv").read_text().splitlines()[1:]]
+    assert sum(int(c) for row in counts for c in row) == 18

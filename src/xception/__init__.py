@@ -1,7 +1,8 @@
 """Xception (Chollet, CVPR 2017) in PyTorch, with Inception V3 and MobileNet V1.
 
 The Python API mirrors the ``xception`` command: ``train``, ``evaluate``, ``predict``,
-``export``, ``convert``, and ``preprocessing(weights)`` for a file's input transform;
+``export``, ``convert``, ``preprocessing(weights)`` for a file's input transform and
+``gradcam(model, image)``;
 ``create_model`` builds any registered model, from a weights file too.
 """
 
@@ -13,6 +14,7 @@ from xception.api import (
     convert,
     evaluate,
     export,
+    gradcam,
     predict,
     preprocessing,
     train,
@@ -28,6 +30,7 @@ __all__ = [
     "create_model",
     "evaluate",
     "export",
+    "gradcam",
     "list_models",
     "load_model",
     "model_config",

@@ -16,14 +16,24 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from xception.inference import ImageInput, Predictor, preprocessing
+from xception.gradcam import gradcam
+from xception.inference import CamRequest, ImageInput, Predictor, preprocessing
 from xception.inference import evaluate_weights as evaluate
 from xception.training.config import load_yaml, resolve
 from xception.training.run import RunResult
 from xception.training.run import resume as resume_run
 from xception.training.run import train as train_run
 
-__all__ = ["Predictor", "convert", "evaluate", "export", "predict", "preprocessing", "train"]
+__all__ = [
+    "Predictor",
+    "convert",
+    "evaluate",
+    "export",
+    "gradcam",
+    "predict",
+    "preprocessing",
+    "train",
+]
 
 
 def train(
@@ -68,17 +78,24 @@ def predict(
     device: str = "auto",
     amp: str = "none",
     channels_last: bool = True,
+    cam: str | Path | None = None,
+    cam_class: str | None = None,
+    cam_layer: str | None = None,
 ) -> list[dict[str, Any]]:
     """``xception predict``: the top-k classes of each image, as rows
     ``{"path", "predictions": [{"class", "probability"}, ...]}`` (or ``"error"`` for an
     unreadable file). ``images`` is one or more image files, folders, PIL images or CHW
     tensors (a NCHW tensor is a batch of them); ``weights`` a weights file or an ONNX
-    export. For many calls, keep a ``Predictor.load(weights)`` instead."""
+    export. For many calls, keep a ``Predictor.load(weights)`` instead. ``cam`` is a folder
+    for a Grad-CAM overlay of each image (of ``cam_class``, default the top class, at
+    ``cam_layer``, default the model's last feature maps); rows name their file."""
     if isinstance(images, str | Path | Image.Image):
         images = [images]
     elif isinstance(images, torch.Tensor):
         images = list(images) if images.ndim == 4 else [images]
-    return Predictor.load(weights, raw, device, amp, channels_last).predict(images, top_k)
+    request = CamRequest(Path(cam), cam_class, cam_layer) if cam is not None else None
+    predictor = Predictor.load(weights, raw, device, amp, channels_last)
+    return predictor.predict(images, top_k, cam=request)
 
 
 def export(

@@ -16,6 +16,7 @@ import torch
 
 import xception
 from xception import api
+from xception.class_report import LEGIBLE_CLASSES, format_table
 from xception.config import choices
 from xception.devices import AMP_CHOICES, DEVICE_HELP, check_device_name
 from xception.registry import create_model, get_entry, list_models
@@ -215,6 +216,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     metrics, first = result.metrics, result.primary_metric
     keys = [first, *(k for k in ("val_top5", "val_raw_top1", "val_loss") if k != first)]
     score = ", ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+    if result.per_class and len(result.per_class) <= LEGIBLE_CLASSES:
+        print(format_table(result.per_class))
     print(f"done in {result.wall_time:.0f} s ({result.images_per_second:.0f} images/s): {score}")
     print(f"run folder: {result.run_dir}")
     print(
@@ -236,22 +239,30 @@ def cmd_eval(args: argparse.Namespace) -> None:
         amp=args.amp,
         channels_last=args.channels_last,
         json_path=args.json,
+        report_dir=args.report,
         overwrite=args.overwrite,
     )
+    rows = metrics.pop("per_class", None)
     for key, value in metrics.items():
         print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
-    if args.json:
-        print(f"written to {args.json}")
+    if rows and len(rows) <= LEGIBLE_CLASSES:
+        print(format_table(rows))
+    for path, what in ((args.json, "metrics"), (args.report, "per-class results")):
+        if path:
+            print(f"{what} written to {path}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from xception.inference import format_predictions
+    from xception.inference import CamRequest, format_predictions
 
     keep_freed_memory()
     predictor = api.Predictor.load(
         args.weights, args.raw, args.device, args.amp, args.channels_last
     )
-    rows = predictor.predict(args.images, top_k=args.top_k)
+    cam = CamRequest(Path(args.cam), args.cam_class, args.cam_layer) if args.cam else None
+    if cam is None and (args.cam_class or args.cam_layer):
+        raise ValueError("--cam-class and --cam-layer go with --cam DIR")
+    rows = predictor.predict(args.images, top_k=args.top_k, cam=cam)
     print(format_predictions(rows, args.format))
     return 1 if any("error" in row for row in rows) else 0
 
@@ -415,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--workers", type=int, default=2, help="data loading processes")
     add_hardware(evaluate)
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics here")
+    evaluate.add_argument(
+        "--report",
+        metavar="DIR",
+        help="write per_class.csv, confusion.csv and confusion.png here (single-label data)",
+    )
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --json")
     evaluate.set_defaults(run=cmd_eval)
 
@@ -424,6 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--format", choices=("table", "json", "csv"), default="table")
     predict.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
+    predict.add_argument(
+        "--cam", metavar="DIR", help="write a Grad-CAM overlay PNG of each image here"
+    )
+    predict.add_argument(
+        "--cam-class", metavar="NAME", help="the class the heatmap explains (default: the top one)"
+    )
+    predict.add_argument(
+        "--cam-layer",
+        metavar="MODULE",
+        help="the layer whose maps are weighed (default: the model's last feature maps, "
+        "e.g. Xception's last separable unit)",
+    )
     add_hardware(predict)
     predict.set_defaults(run=cmd_predict)
 

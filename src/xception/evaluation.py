@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +24,14 @@ from xception.distributed import all_gather_cat, all_reduce_sum
 
 __all__ = [
     "ClassificationMeter",
+    "ConfusionMatrix",
+    "Evaluation",
     "average_precision_at_k",
     "class_frequency_weights",
     "evaluate",
     "map_at_k",
     "mean_average_precision",
+    "per_class",
     "primary_metric",
     "topk_correct",
 ]
@@ -236,6 +241,16 @@ def mean_average_precision(scores: Tensor, targets: Tensor) -> float:
     return per_class.mean().item()
 
 
+@dataclass
+class Evaluation:
+    """What ``evaluate`` found: the metrics, the unreadable files it skipped and, for
+    single-label data, the confusion matrix (rows: true class, columns: predicted)."""
+
+    metrics: dict[str, float]
+    skipped: list[str]
+    confusion: Tensor | None = None
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -247,16 +262,18 @@ def evaluate(
     class_weights: Tensor | None = None,
     channels_last: bool = False,
     amp: str = "none",
-) -> tuple[dict[str, float], list[str]]:
+    num_classes: int | None = None,
+) -> Evaluation:
     """Score ``model`` over ``loader`` (each rank its share, every sample once).
 
-    Single-label: ``top1``, ``top5``, ``loss``. Multi-label: ``map100`` (class-frequency
-    weighted when ``class_weights`` is given), ``map100_unweighted``, ``map``, ``loss``.
-    Returns the metrics and the unreadable files that were skipped.
+    Single-label: ``top1``, ``top5``, ``loss``, and the confusion matrix when
+    ``num_classes`` is given. Multi-label: ``map100`` (class-frequency weighted when
+    ``class_weights`` is given), ``map100_unweighted``, ``map``, ``loss``.
     """
     was_training = model.training
     model.eval()
     meter = ClassificationMeter(device)
+    confusion = ConfusionMatrix(num_classes, device) if num_classes and not multi_label else None
     scores, targets, skipped = [], [], []
     loss_sum = torch.zeros((), dtype=accumulator_dtype(device), device=device)
     for batch in loader:
@@ -273,15 +290,53 @@ def evaluate(
             targets.append(y)
         else:
             meter.update(logits, y, F.cross_entropy(logits, y, reduction="sum"))
+            if confusion is not None:
+                confusion.update(logits, y)
     model.train(was_training)
     if not multi_label:
-        return ClassificationMeter.compute_from(all_reduce_sum(meter.state(), world)), skipped
+        metrics = ClassificationMeter.compute_from(all_reduce_sum(meter.state(), world))
+        counts = all_reduce_sum(confusion.counts, world).cpu() if confusion is not None else None
+        return Evaluation(metrics, skipped, counts)
     all_scores = all_gather_cat(torch.cat(scores), world).cpu()
     all_targets = all_gather_cat(torch.cat(targets), world).cpu()
     weights = class_weights.cpu() if class_weights is not None else None
-    return {
+    metrics = {
         "map100": map_at_k(all_scores, all_targets, 100, weights),
         "map100_unweighted": map_at_k(all_scores, all_targets, 100),
         "map": mean_average_precision(all_scores, all_targets),
         "loss": (all_reduce_sum(loss_sum, world) / all_scores.shape[0]).item(),
-    }, skipped
+    }
+    return Evaluation(metrics, skipped)
+
+
+class ConfusionMatrix:
+    """Counts of (true class, predicted class) pairs, on the logits' device (no sync)."""
+
+    def __init__(self, num_classes: int, device: torch.device | str | None = None) -> None:
+        self.num_classes = num_classes
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:
+        pairs = targets * self.num_classes + logits.argmax(dim=1)
+        self.counts += torch.bincount(pairs, minlength=self.num_classes**2).view_as(self.counts)
+
+
+def per_class(confusion: Tensor, classes: Sequence[str]) -> list[dict[str, Any]]:
+    """Per class: images, precision, recall (the class's accuracy: the share of its images
+    named right) and F1, from a confusion matrix (rows true, columns predicted). A class
+    never predicted has precision 0; one without images has recall NaN."""
+    counts = confusion.to(torch.float64)
+    hits, actual, predicted = counts.diagonal(), counts.sum(1), counts.sum(0)
+    precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), 0.0)
+    recall = torch.where(actual > 0, hits / actual.clamp(min=1), torch.nan)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return [
+        {
+            "class": name,
+            "images": int(actual[i]),
+            "precision": precision[i].item(),
+            "recall": recall[i].item(),
+            "f1": f1[i].item(),
+        }
+        for i, name in enumerate(classes)
+    ]

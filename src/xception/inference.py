@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,16 +18,24 @@ from typing import Any
 import torch
 from PIL import Image
 
+from xception.class_report import write_class_report
 from xception.config import from_values
 from xception.data.folder import IMAGE_EXTENSIONS, discover
 from xception.data.loaders import EvalBatchSampler, ImageDataset, make_loader, single_images
 from xception.data.synthetic import SyntheticSpec, materialize
-from xception.data.transforms import EvalTransform, Preprocessing, as_pil, eval_transform
+from xception.data.transforms import (
+    EvalTransform,
+    Preprocessing,
+    as_pil,
+    eval_transform,
+    normalize,
+)
 from xception.devices import autocast, model_input, resolve_device
 from xception.distributed import World
-from xception.evaluation import class_frequency_weights, evaluate
-from xception.files import write_json
+from xception.evaluation import class_frequency_weights, evaluate, per_class
+from xception.files import atomic_write, write_json
 from xception.fusion import inference_model
+from xception.gradcam import cam_layer, gradcam, overlay
 from xception.registry import load_model
 from xception.weights import read_metadata
 
@@ -66,6 +74,16 @@ def variant(metadata: dict[str, Any], raw: bool) -> str:
     return "averaged" if metadata.get("averaged") else "single"
 
 
+@dataclass(frozen=True)
+class CamRequest:
+    """Grad-CAM overlays for ``predict``: one PNG an image in ``folder``, for the class
+    named ``class_name`` (default: the predicted one) at ``layer`` (default: the model's)."""
+
+    folder: Path
+    class_name: str | None = None
+    layer: str | None = None
+
+
 @dataclass
 class Predictor:
     """A weights file (ours or an ONNX export) ready to classify images.
@@ -80,6 +98,7 @@ class Predictor:
     device: torch.device
     amp: str = "none"
     channels_last: bool = True
+    raw: bool = False
 
     @classmethod
     def load(
@@ -108,7 +127,7 @@ class Predictor:
             )
         pre = read_preprocessing(metadata, weights)
         fast = inference_model(model.to(target), channels_last=channels_last)
-        return cls(weights, metadata, pre, fast, target, amp, channels_last)
+        return cls(weights, metadata, pre, fast, target, amp, channels_last, raw)
 
     @property
     def classes(self) -> list[str]:
@@ -133,11 +152,17 @@ class Predictor:
         return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
 
     def predict(
-        self, images: Iterable[ImageInput], top_k: int = 5, batch_size: int = 32
+        self,
+        images: Iterable[ImageInput],
+        top_k: int = 5,
+        batch_size: int = 32,
+        cam: CamRequest | None = None,
     ) -> list[dict[str, Any]]:
-        """Top-k (class, probability) per image; unreadable files get an ``error``."""
+        """Top-k (class, probability) per image; unreadable files get an ``error``. With
+        ``cam``, each row also names its Grad-CAM overlay (``cam``)."""
         if top_k < 1:
             raise ValueError(f"--top-k must be positive, got {top_k}")
+        explain = self._explainer(cam) if cam is not None else None
         rows: list[dict[str, Any]] = []
         pending: list[tuple[int, torch.Tensor]] = []
         for name, image in self._prepared(images):
@@ -145,11 +170,50 @@ class Predictor:
             if isinstance(image, str):
                 rows[-1]["error"] = image
                 continue
+            if explain is not None:
+                rows[-1]["cam"] = str(explain(name, image))
             pending.append((len(rows) - 1, image))
             if len(pending) == batch_size:
                 self._fill(rows, pending, top_k)
         self._fill(rows, pending, top_k)
         return rows
+
+    def _explainer(self, cam: CamRequest) -> Callable[[str, torch.Tensor], Path]:
+        """A function (name, uint8 image) -> the overlay written for it. Grad-CAM runs the
+        eager model (the fast path's folded layers have no separate maps to weigh)."""
+        if not isinstance(self.model, torch.nn.Module):
+            raise ValueError("--cam explains weight files, not ONNX exports")
+        index = None
+        if cam.class_name is not None:
+            if cam.class_name not in self.classes:
+                shown = ", ".join(self.classes[:10])
+                raise ValueError(f"--cam-class {cam.class_name!r} is not a class ({shown}, ...)")
+            index = self.classes.index(cam.class_name)
+        model, _ = load_model(self.weights, raw=self.raw)
+        model = model.to(self.device).eval()
+        layer = cam.layer or cam_layer(model)
+        try:
+            model.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(f"--cam-layer {layer!r} is not a layer of the model") from None
+        cam.folder.mkdir(parents=True, exist_ok=True)
+        used: set[str] = set()
+
+        def explain(name: str, image: torch.Tensor) -> Path:
+            x = normalize(image[None].to(self.device), self.pre, torch.float32)
+            found = gradcam(model, x, index, layer)
+            picture = overlay(as_pil(image), found.heatmap.cpu())
+            stem = Path(name).stem.strip("<>").replace(" ", "-") or "image"
+            unique, n = stem, 1
+            while unique in used:
+                n += 1
+                unique = f"{stem}-{n}"
+            used.add(unique)
+            path = cam.folder / f"{unique}.png"
+            atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+            return path
+
+        return explain
 
     def _prepared(self, images: Iterable[ImageInput]) -> Iterator[tuple[str, object]]:
         """(name, uint8 image or error message) for every input, the images of folders
@@ -203,11 +267,14 @@ def evaluate_weights(
     amp: str = "none",
     channels_last: bool = True,
     json_path: str | Path | None = None,
+    report_dir: str | Path | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """``xception eval``: top-1/top-5 (or MAP@100 on multi-label data) of a weights file on
-    the val split of ``data`` (default: the built-in data set it was trained on); also
-    written to ``json_path`` when given (never over an existing file unless ``overwrite``)."""
+    """``xception eval``: top-1/top-5 and per-class precision, recall and F1 (or MAP@100 on
+    multi-label data) of a weights file on the val split of ``data`` (default: the
+    built-in data set it was trained on). Also written to ``json_path`` when given (never
+    over an existing file unless ``overwrite``); ``report_dir`` receives the per-class
+    results and the confusion matrix as CSV and PNG."""
     if json_path is not None and Path(json_path).exists() and not overwrite:
         raise FileExistsError(f"{json_path} exists; pass --overwrite or choose another --json path")
     weights = Path(weights)
@@ -233,7 +300,7 @@ def evaluate_weights(
         workers,
         predictor.device.type == "cuda",
     )
-    metrics, skipped = evaluate(
+    found = evaluate(
         predictor.model,
         loader,
         predictor.device,
@@ -243,14 +310,19 @@ def evaluate_weights(
         weights_per_class,
         channels_last,
         amp,
+        len(classes),
     )
     result: dict[str, Any] = {
         "weights": str(weights),
         "variant": variant(metadata, raw),
-        "images": len(splits["val"]) - len(skipped),
-        **metrics,
-        "skipped_files": skipped,
+        "images": len(splits["val"]) - len(found.skipped),
+        **found.metrics,
+        "skipped_files": found.skipped,
     }
+    if found.confusion is not None:
+        result["per_class"] = per_class(found.confusion, classes)
+        if report_dir is not None:
+            write_class_report(Path(report_dir), found.confusion, classes)
     if json_path is not None:
         write_json(json_path, result)
     return result
@@ -283,6 +355,8 @@ def format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
         lines.append(row["path"])
         if "error" in row:
             lines.append(f"  error: {row['error']}")
+        if "cam" in row:
+            lines.append(f"  Grad-CAM: {row['cam']}")
         for rank, p in enumerate(row.get("predictions", []), 1):
             lines.append(f"  {rank}. {p['class']:<24} {p['probability']:.4f}")
     return "\n".join(lines)

@@ -15,6 +15,9 @@ from xception.config import check_known, from_values
 from xception.models.base import FeatureExtractor
 from xception.weights import FORMAT, load_weights, read_metadata
 
+# The classifier: what a new head replaces (ClassifierHead.classifier in every model).
+HEAD_PREFIX = "head.classifier."
+
 # Fields a weights file does not pin down: settings of training (dropout, BatchNorm's
 # momentum), the default input size, and output_stride, which trades the last strides for
 # dilation as DeepLab does with ImageNet weights (the tensors are the same; features_only).
@@ -65,6 +68,7 @@ def create_model(
     weights: str | Path | None = None,
     features_only: bool = False,
     raw: bool = False,
+    new_head: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered model, optionally with the weights of a file.
@@ -73,9 +77,11 @@ def create_model(
     ``weights`` is a safetensors file: one of this package's files builds the architecture
     it records (``name`` may be omitted), and a name or override that would make the
     network compute another function fails naming the field and both values; a plain
-    safetensors file loads strictly into ``name``. ``raw`` takes a trained file's raw
-    (not averaged) weights. ``features_only`` returns a ``FeatureExtractor`` giving the
-    maps at strides 2, 4, 8, 16 and 32.
+    safetensors file loads strictly into ``name``. ``new_head`` loads everything but the
+    classifier, which is initialised afresh (for ``num_classes`` of the caller's, which
+    may differ from the file's): the start of fine-tuning. ``raw`` takes a trained file's
+    raw (not averaged) weights. ``features_only`` returns a ``FeatureExtractor`` giving
+    the maps at strides 2, 4, 8, 16 and 32.
     """
     if num_classes is not None:
         overrides["num_classes"] = num_classes
@@ -84,18 +90,27 @@ def create_model(
             raise ValueError("create_model needs a model name or a weights file")
         model = get_entry(name).model_class(model_config(name, **overrides))
     else:
-        model, _ = _build_from_file(Path(weights).expanduser(), name, overrides, raw)
+        path = Path(weights).expanduser()
+        name, config = weights_config(path, name, new_head, **overrides)
+        model = get_entry(name).model_class(config)
+        load_weights(model, path, raw=raw, skip=HEAD_PREFIX if new_head else None)
     return FeatureExtractor(model) if features_only else model
 
 
 def load_model(path: str | Path, raw: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """The network a weights file records, with its weights, and the file's metadata."""
-    return _build_from_file(Path(path).expanduser(), None, {}, raw)
+    path = Path(path).expanduser()
+    return create_model(weights=path, raw=raw), read_metadata(path)
 
 
-def _build_from_file(
-    path: Path, name: str | None, overrides: dict[str, Any], raw: bool
-) -> tuple[nn.Module, dict[str, Any]]:
+def weights_config(
+    path: str | Path, name: str | None = None, new_head: bool = False, **overrides: Any
+) -> tuple[str, Any]:
+    """The registered name and the config to build for the weights in ``path``: the
+    architecture the file records (or, for a plain safetensors file, ``name``'s) with
+    ``overrides``, checked to leave the function of the weights alone (``new_head``
+    allows another ``num_classes``)."""
+    path = Path(path).expanduser()
     metadata = read_metadata(path)
     if metadata.get("format") != FORMAT or "model" not in metadata:
         if name is None:
@@ -103,16 +118,11 @@ def _build_from_file(
                 f"{path} is not an xception weights file (its metadata names no model); "
                 "pass the model name to load its tensors into"
             )
-        config = model_config(name, **overrides)
-    else:
-        recorded, saved = _recorded(metadata, path)
-        if name is not None and name != recorded:
-            _check_same_network(path, name, model_config(name, **overrides), recorded, saved)
-        config = _with_overrides(path, recorded, saved, overrides)
-        name = recorded
-    model = get_entry(name).model_class(config)
-    load_weights(model, path, raw=raw)
-    return model, metadata
+        return name, model_config(name, **overrides)
+    recorded, saved = _recorded(metadata, path)
+    if name is not None and name != recorded:
+        _check_same_network(path, name, model_config(name, **overrides), recorded, saved)
+    return recorded, _with_overrides(path, recorded, saved, overrides, new_head)
 
 
 def _recorded(metadata: dict[str, Any], path: Path) -> tuple[str, Any]:
@@ -150,17 +160,21 @@ def _check_same_network(path: Path, name: str, named: Any, recorded: str, saved:
         )
 
 
-def _with_overrides(path: Path, recorded: str, saved: Any, overrides: dict[str, Any]) -> Any:
+def _with_overrides(
+    path: Path, recorded: str, saved: Any, overrides: dict[str, Any], new_head: bool
+) -> Any:
     """The file's config with the overrides that leave its function alone."""
     if not overrides:
         return saved
     check_known(type(saved), overrides, f"{recorded} option")
     wanted = dataclasses.replace(saved, **overrides)
     for key in _differences(saved, wanted):
+        if key == "num_classes" and new_head:
+            continue
         if key == "num_classes":
             raise ValueError(
                 f"{path} has {saved.num_classes} classes, not num_classes={wanted.num_classes}; "
-                "load it as it is and call reset_classifier(N) for a new head"
+                "pass new_head=True (train --init-weights does) for a new classifier"
             )
         raise ValueError(
             f"{path} was saved with {key}={getattr(saved, key)!r}; {key}="

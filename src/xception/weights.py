@@ -118,8 +118,15 @@ def select(state: dict[str, torch.Tensor], raw: bool, source: str) -> dict[str, 
     return chosen
 
 
-def load_weights(model: nn.Module, path: str | Path, raw: bool = False) -> None:
-    """Load a safetensors file strictly; any mismatch fails before the model changes."""
+def load_weights(
+    model: nn.Module, path: str | Path, raw: bool = False, skip: str | None = None
+) -> None:
+    """Load a safetensors file strictly; any mismatch fails before the model changes.
+    Tensors whose names start with ``skip`` are left as the model has them, on both sides
+    (a new classifier over a loaded backbone)."""
     state = select(load_state_dict(path), raw, str(path))
+    if skip is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(skip)}
+        state |= {k: v for k, v in model.state_dict().items() if k.startswith(skip)}
     check_state_dict(model, state, str(path))
     model.load_state_dict(state)

@@ -76,6 +76,35 @@ def test_layout_problems_fail_before_training(tmp_path, breakage, message):
         discover(root)
 
 
+def test_a_path_label_header_is_a_single_label_manifest(tmp_path):
+    for i in range(4):
+        write_image(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "train.csv").write_text("path,label\nimg/0.png,cat\nimg/1.png,dog\n")
+    (tmp_path / "val.csv").write_text("path,label\nimg/2.png,dog\nimg/3.png,cat\n")
+    splits = discover(tmp_path)
+    assert splits["train"].classes == ("cat", "dog") and not splits["train"].multi_label
+    assert splits["val"].labels == ((1,), (0,))
+
+
+@pytest.mark.parametrize(
+    ("train", "val", "message"),
+    [
+        ("path,label\nimg/0.png,cat\n", "path,label\nimg/9.png,cat\n", "val.csv:2: no such image"),
+        ("path,label\nimg/0.png,cat\n", "path,labels\nimg/0.png,cat\n", "the same header"),
+        ("path,label\nimg/0.png,cat\n", "path,label\nimg/0.png,moon\n", "label 'moon'"),
+        ("file,label\nimg/0.png,cat\n", "path,label\nimg/0.png,cat\n", "header 'path,label'"),
+        ("path,label,labels\nimg/0.png,a,b\n", "path,label\nimg/0.png,a\n", "header"),
+        ("path,label\nimg/0.png,\n", "path,label\nimg/0.png,a\n", "train.csv:2: needs"),
+    ],
+)
+def test_manifest_problems_fail_naming_file_and_line(tmp_path, train, val, message):
+    write_image(tmp_path / "img" / "0.png")
+    (tmp_path / "train.csv").write_text(train)
+    (tmp_path / "val.csv").write_text(val)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        discover(tmp_path)
+
+
 def test_manifest_with_unknown_val_label_fails(tmp_path):
     write_image(tmp_path / "a.png")
     (tmp_path / "train.csv").write_text("path,labels\na.png,sky\n")

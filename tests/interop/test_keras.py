@@ -401,3 +401,25 @@ def test_keras_before_3_6_weights_h5_is_refused(mobilenet_case: Case, tmp_path: 
             entry["vars"].attrs.pop("name", None)
     with pytest.raises(ValueError, match=r"Keras < 3\.6.*layer names"):
         load_keras_state(path, xception.create_model("mobilenet_v1_025"))
+
+
+def test_a_converted_keras_notop_file_fine_tunes_with_a_new_head(
+    xception_case: Case, image_folder: Path, tmp_path: Path
+) -> None:
+    """Keras' `Xception(include_top=False)` weights -> convert -> train --init-weights."""
+    xception.train(
+        "finetune",
+        init_weights=xception_case.converted["h5", False],
+        data=image_folder,
+        image_size=71,
+        batch_size=4,
+        max_steps=1,
+        workers=0,
+        out=tmp_path / "run",
+        progress=False,
+    )
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "new head.classifier for 3 classes (the file's had no classifier)" in log
+    model, metadata = xception.load_model(tmp_path / "run" / "last.safetensors")
+    assert model.config.padding == "tf" and model.config.bn_eps == 1e-3  # Keras' numerics
+    assert metadata["classes"] == ["blue", "green", "red"]

@@ -126,25 +126,23 @@ def test_every_field_is_a_flag_in_its_group_with_help_and_default(capsys):
 
 
 def test_every_flag_reaches_its_field():
+    import typing
+
+    from xception.config import choices
+
     parse = build_parser().parse_args
+    hints = typing.get_type_hints(TrainConfig)
+    texts = {"device": "cpu", "model": "xception_small", "mean": "0.4,0.4,0.4"}
     for field in dataclasses.fields(TrainConfig):
         if field.name == "model_overrides":
             continue
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
             assert train_options(parse(["train", f"--no-{flag[2:]}"]))[field.name] is False
-        else:
-            given = {"device": "cpu", "model": "xception_small", "data": "/d"}.get(field.name, "7")
-            choices = RECIPES_CHOICES.get(field.name)
-            assert train_options(parse(["train", flag, choices or given]))[field.name]
-
-
-RECIPES_CHOICES = {
-    "interpolation": "bilinear",
-    "optimizer": "rmsprop_tf",
-    "lr_decay_unit": "samples",
-    "amp": "bf16",
-}
+            continue
+        literal = choices(hints[field.name])
+        given = str(literal[-1]) if literal else texts.get(field.name, "7")
+        assert train_options(parse(["train", flag, given]))[field.name] == given
 
 
 def test_recipes_name_only_training_options():

@@ -1,5 +1,6 @@
 """RMSpropTF against TF's formula and timm, parameter groups and learning-rate schedules."""
 
+import itertools
 import math
 
 import pytest
@@ -125,11 +126,11 @@ def test_staircase_changes_exactly_at_the_boundary():
     assert staircase_decay(0.045, 1.999999, 2, 0.94) == 0.045
     assert staircase_decay(0.045, 2.0, 2, 0.94) == pytest.approx(0.045 * 0.94)
     assert staircase_decay(0.045, 5.5, 2, 0.94) == pytest.approx(0.045 * 0.94**2)
-    jft = build_schedule(resolve("paper-jft"))  # the recipes carry the paper's schedules
+    jft = build_schedule(resolve("paper-jft"), 1)  # the recipes carry the paper's schedules
     assert jft.lr_at(0, 0.0, 2_999_999) == 0.001
     assert jft.lr_at(0, 0.0, 3_000_000) == pytest.approx(0.0009)
     assert jft.lr_at(0, 0.0, 9_000_000_000) == pytest.approx(0.001 * 0.9**3000)
-    imagenet = build_schedule(resolve("paper-imagenet"))
+    imagenet = build_schedule(resolve("paper-imagenet"), 1)
     steps_per_epoch = 1251
     for step, expected in [(2 * steps_per_epoch - 1, 0.045), (2 * steps_per_epoch, 0.0423)]:
         assert imagenet.lr_at(step, step / steps_per_epoch, 0) == pytest.approx(expected)
@@ -190,3 +191,16 @@ def test_spatial_lr_fan_in_leaves_a_depthwise_network_unchanged():
     for group in param_groups(regular, 1e-5, spatial_lr_fan_in=True):
         for p in group["params"]:
             assert group["lr_scale"] == spatial.get(id(p), 1.0)
+
+
+def test_cosine_schedule_warms_up_then_halves_at_the_middle_and_ends_near_zero():
+    from xception.training.optim import cosine_decay
+
+    schedule = LRSchedule(0.1, 0.9, 1, "epoch", warmup_steps=10, kind="cosine", total_steps=110)
+    assert schedule.lr_at(0, 0.0, 0) == pytest.approx(0.1 / 10)  # warm-up's first step
+    assert schedule.lr_at(10, 9.0, 0) == pytest.approx(0.1)  # epochs do not matter
+    assert schedule.lr_at(60, 0.0, 0) == pytest.approx(0.05)
+    assert schedule.lr_at(109, 0.0, 0) == pytest.approx(0.1 * (1 + math.cos(math.pi * 0.99)) / 2)
+    assert schedule.lr_at(500, 0.0, 0) == 0.0
+    values = [cosine_decay(1.0, step, 0, 50) for step in range(51)]
+    assert all(a >= b for a, b in itertools.pairwise(values))

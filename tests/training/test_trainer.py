@@ -9,13 +9,28 @@ from xception.training.run import resume, train
 from xception.training.trainer import TrainingError
 from xception.weights import read_metadata
 
+EVERY_AUGMENTATION = {
+    "auto_augment": "randaugment",
+    "random_erasing": 0.5,
+    "mixup": 0.2,
+    "cutmix": 1.0,
+    "label_smoothing": 0.1,
+    "balance": True,
+    "lr_schedule": "cosine",
+    "freeze_epochs": 1,
+    "head_lr_scale": 5.0,
+}
 
-def test_resume_mid_epoch_is_bitwise_identical(image_folder, tmp_path):
+
+@pytest.mark.parametrize("options", [{}, EVERY_AUGMENTATION], ids=["plain", "augmented"])
+def test_resume_mid_epoch_is_bitwise_identical(image_folder, tmp_path, options):
     # 48 images / 8 = 6 steps per epoch: stop at step 4 (mid-epoch 0), resume to step 9.
     whole = train(
-        config(image_folder, max_steps=9, workers=1), out=tmp_path / "whole", progress=False
+        config(image_folder, max_steps=9, workers=1, **options),
+        out=tmp_path / "whole",
+        progress=False,
     )
-    train(config(image_folder, max_steps=4), out=tmp_path / "split", progress=False)
+    train(config(image_folder, max_steps=4, **options), out=tmp_path / "split", progress=False)
     resumed = resume(tmp_path / "split", {"max_steps": 9}, progress=False)
     assert whole.metrics["step"] == resumed.metrics["step"] == 9
     assert_identical(
@@ -108,3 +123,16 @@ def test_the_compiled_channels_last_training_step_computes_the_eager_gradients()
     torch.testing.assert_close(fast_loss, loss, rtol=1e-10, atol=1e-12)
     for (name, p), q in zip(eager.named_parameters(), fast.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_a_single_label_manifest_trains_with_softmax_and_balance(image_folder, tmp_path):
+    """A `path,label` header is single-label (absolute paths work too)."""
+    manifest = tmp_path / "manifest"
+    manifest.mkdir()
+    for split in ("train", "val"):
+        images = sorted((image_folder / split).rglob("*.png"))
+        rows = ["path,label", *(f"{path},{path.parent.name}" for path in images)]
+        (manifest / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    result = train(config(manifest, epochs=1, balance=True), out=tmp_path / "run", progress=False)
+    assert result.primary_metric == "val_top1" and "val_top5" in result.metrics
+    assert not read_metadata(tmp_path / "run" / "last.safetensors")["multi_label"]

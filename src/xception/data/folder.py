@@ -3,8 +3,9 @@
 Layouts:
 
 - single-label (torchvision ImageFolder): ``ROOT/train/<class>/*``, ``ROOT/val/<class>/*``;
-- multi-label (the paper's JFT setting): ``ROOT/train.csv`` and ``ROOT/val.csv`` with a
-  header ``path,labels``, paths relative to ROOT and labels separated by ``;``.
+- CSV manifests ``ROOT/train.csv`` and ``ROOT/val.csv``, paths relative to ROOT. The
+  header decides the task: ``path,label`` is single-label (one class a row);
+  ``path,labels`` is multi-label (the paper's JFT setting), labels separated by ``;``.
 
 Layout problems fail before training; a corrupt image fails only itself (it is skipped,
 counted and logged by the loader), so one bad file never kills a long run.
@@ -73,24 +74,34 @@ def _folder_split(root: Path, split: str) -> tuple[list[str], list[str], list[in
     return classes, paths, labels
 
 
-def _manifest_split(root: Path, split: str) -> tuple[list[str], list[list[str]]]:
+def _manifest_split(root: Path, split: str) -> tuple[list[str], list[list[str]], bool]:
+    """Paths, label names a row and whether the manifest is multi-label (its header)."""
     manifest = root / f"{split}.csv"
     if not manifest.is_file():
         raise FileNotFoundError(f"{root} has no {split}.csv manifest")
     paths, names = [], []
     with manifest.open(newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or {"path", "labels"} - set(reader.fieldnames):
-            raise ValueError(f"{manifest} must have a header 'path,labels'")
+        columns = set(reader.fieldnames or ())
+        if "path" not in columns or len(columns & {"label", "labels"}) != 1:
+            raise ValueError(
+                f"{manifest} must have a header 'path,label' (single-label) or "
+                "'path,labels' (multi-label, labels separated by ';')"
+            )
+        multi_label = "labels" in columns
         for line, row in enumerate(reader, 2):
-            labels = [label.strip() for label in (row["labels"] or "").split(";") if label.strip()]
+            text = row["labels" if multi_label else "label"] or ""
+            labels = [label.strip() for label in text.split(";")] if multi_label else [text]
+            labels = [label for label in labels if label.strip()]
             if not row["path"] or not labels:
-                raise ValueError(f"{manifest}:{line}: needs a path and at least one label")
+                raise ValueError(f"{manifest}:{line}: needs a path and a label")
+            if not (root / row["path"]).is_file():
+                raise FileNotFoundError(f"{manifest}:{line}: no such image: {row['path']}")
             paths.append(row["path"])
             names.append(labels)
     if not paths:
         raise ValueError(f"{manifest} lists no images")
-    return paths, names
+    return paths, names, multi_label
 
 
 def discover(root: str | Path) -> dict[str, Split]:
@@ -118,6 +129,8 @@ def discover(root: str | Path) -> dict[str, Split]:
 
 def _discover_manifest(root: Path) -> dict[str, Split]:
     found = {split: _manifest_split(root, split) for split in SPLITS}
+    if found["train"][2] != found["val"][2]:
+        raise ValueError(f"{root}: train.csv and val.csv must have the same header")
     classes = sorted({name for names in found["train"][1] for name in names})
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted({n for names in found["val"][1] for n in names} - set(index))
@@ -129,9 +142,9 @@ def _discover_manifest(root: Path) -> dict[str, Split]:
             tuple(paths),
             tuple(tuple(sorted({index[n] for n in names})) for names in labels),
             tuple(classes),
-            True,
+            multi_label,
         )
-        for split, (paths, labels) in found.items()
+        for split, (paths, labels, multi_label) in found.items()
     }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from xception.data.augment import Augmentation
 from xception.data.folder import Split, read_rgb
 from xception.data.transforms import (
     Preprocessing,
@@ -27,8 +28,16 @@ from xception.data.transforms import (
 class ImageDataset(Dataset):
     """One split; ``__getitem__((epoch, index))`` -> (uint8 image, target) or the failure."""
 
-    def __init__(self, split: Split, pre: Preprocessing, train: bool, seed: int = 0) -> None:
+    def __init__(
+        self,
+        split: Split,
+        pre: Preprocessing,
+        train: bool,
+        seed: int = 0,
+        augmentation: Augmentation = Augmentation(),
+    ) -> None:
         self.split, self.pre, self.train, self.seed = split, pre, train, seed
+        self.augmentation = augmentation
 
     def __len__(self) -> int:
         return len(self.split)
@@ -49,7 +58,8 @@ class ImageDataset(Dataset):
         except (OSError, ValueError, SyntaxError) as error:
             return f"{path}: {type(error).__name__}: {error}"
         if self.train:
-            tensor = train_transform(image, self.pre, sample_generator(self.seed, epoch, index))
+            generator = sample_generator(self.seed, epoch, index)
+            tensor = train_transform(image, self.pre, generator, self.augmentation)
         else:
             tensor = eval_transform(image, self.pre)
         return tensor, self.target(index)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from xception.config import normalize as normalize_fields
+from xception.data.augment import Augmentation, auto_augment, erase
 from xception.data.folder import to_rgb
 
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -35,10 +36,15 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         normalize_fields(self)
-        if self.image_size < 1 or not 0 < self.crop_pct <= 1 or not 0 < self.min_crop_area <= 1:
+        if (
+            self.image_size < 1
+            or not 0 < self.crop_pct <= 1
+            or not 0 < self.min_crop_area <= 1
+            or min(self.std) <= 0
+        ):
             raise ValueError(
                 f"invalid preprocessing {self}: need image_size >= 1, "
-                "0 < crop_pct <= 1, 0 < min_crop_area <= 1"
+                "0 < crop_pct <= 1, 0 < min_crop_area <= 1, std > 0"
             )
 
 
@@ -77,14 +83,20 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def train_transform(
-    image: Image.Image, pre: Preprocessing, generator: torch.Generator
+    image: Image.Image,
+    pre: Preprocessing,
+    generator: torch.Generator,
+    augmentation: Augmentation = Augmentation(),
 ) -> torch.Tensor:
+    """Inception's random-resized crop and flip, then the ``augmentation``; every draw
+    from the sample's ``generator``."""
     box = random_crop_box(*image.size, pre.min_crop_area, generator)
     size = (pre.image_size, pre.image_size)
     image = image.resize(size, INTERPOLATIONS[pre.interpolation], box=box)
     if torch.rand((), generator=generator) < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(image)
+    image = auto_augment(image, augmentation.auto_augment, generator)
+    return erase(to_tensor(image), augmentation.random_erasing, generator)
 
 
 def eval_transform(image: Image.Image, pre: Preprocessing) -> torch.Tensor:

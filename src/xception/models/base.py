@@ -48,11 +48,13 @@ class ImageClassifier(nn.Module):
     A subclass builds ``self.head`` (a ``ClassifierHead``), names its backbone pieces in
     forward order in ``stage_names`` (the backbone is exactly their composition), lists
     the feature taps in ``feature_info`` (each a stage or a module nested in stages that
-    are ``nn.Sequential``), and sets ``in_chans`` and ``min_input_size``.
+    are ``nn.Sequential``), and sets ``in_chans``, ``min_input_size`` and ``cam_layer``
+    (the module whose maps Grad-CAM weighs by default).
     """
 
     head: ClassifierHead
     stage_names: tuple[str, ...]
+    cam_layer: str
     feature_info: list[FeatureInfo]
     in_chans: int
     min_input_size: int

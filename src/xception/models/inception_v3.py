@@ -371,6 +371,7 @@ class InceptionV3(ImageClassifier):
             if name == AUX_TAP and config.aux_logits:
                 self.AuxLogits = aux_tower(config, channels)  # registered here: torchvision order
         self.stage_names = tuple(name for name, _, _ in stages)
+        self.cam_layer = "Mixed_7c"  # the last 8x8 module
         self.feature_info = [
             FeatureInfo(name, channels, FEATURE_TAPS[name])
             for name, _, channels in stages

@@ -152,6 +152,7 @@ class MobileNetV1(ImageClassifier):
         self.blocks = nn.Sequential(*blocks)
         self.head = ClassifierHead(channels, c.num_classes, c.global_pool, dropout=c.dropout)
         self.stage_names = ("conv1", *(f"blocks.{i}" for i in range(len(BLOCKS))))
+        self.cam_layer = self.stage_names[-1]  # the last separable block
         self.feature_info = feature_taps(c.alpha)
 
 

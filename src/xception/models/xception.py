@@ -250,6 +250,7 @@ class Xception(ImageClassifier):
         )
 
         self.stage_names = ("entry_flow", "middle_flow", "exit_flow")
+        self.cam_layer = f"exit_flow.block{last + 1}.sepconv2"  # Keras' block14_sepconv2_act
         outputs = fig5.outputs  # stem, block2, block3, block4, middle..., exit block, convs
         self.feature_info = [
             FeatureInfo(name, *outputs[i])

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from xception.files import write_text
+from xception.plots import pyplot, save_figure
 from xception.reproduction.experiments import PAPER_STEPS_PER_SECOND, get_experiment
-from xception.training.logs import pyplot, save_figure
 
 
 def score_key(run: dict[str, Any]) -> str:

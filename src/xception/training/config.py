@@ -21,15 +21,18 @@ from xception.config import check_known, check_numbers, coerce, from_values, nor
 from xception.data.synthetic import SyntheticSpec
 from xception.data.transforms import Preprocessing
 from xception.devices import DEVICE_HELP, check_device_name
-from xception.registry import model_config
+from xception.registry import model_config, weights_config
 from xception.training.recipes import RECIPES
+from xception.weights import read_metadata
 
 GROUPS = (
     "data",
     "model",
+    "fine-tuning",
     "optimisation",
     "schedule",
     "regularisation",
+    "augmentation",
     "checkpointing and logging",
     "hardware",
 )
@@ -46,6 +49,10 @@ MAY_BE_ZERO = (
     "ema_decay",
     "lr_decay",
     "seed",
+    "freeze_epochs",
+    "random_erasing",
+    "mixup",
+    "cutmix",
 )
 # Options of earlier versions that runs saved in config.yaml and that no longer exist.
 # `loss` (softmax or sigmoid) now follows the data, as the old loop already enforced.
@@ -96,6 +103,15 @@ class TrainConfig:
         0.08, "data", "training: random-resized crops cover [min_crop_area, 1] of the image"
     )
     interpolation: Literal["bilinear", "bicubic"] = option("bicubic", "data", "image resizing")
+    mean: tuple[float, float, float] = option(
+        (0.5, 0.5, 0.5), "data", "per-channel mean of pixels in [0, 1], subtracted"
+    )
+    std: tuple[float, float, float] = option(
+        (0.5, 0.5, 0.5), "data", "per-channel deviation, divided by (0.5, 0.5: x / 127.5 - 1)"
+    )
+    balance: bool = option(
+        False, "data", "weigh the loss by inverse class frequency (single-label data)"
+    )
     eval_batch_size: int = option(128, "data", "images an evaluation batch (global)")
     workers: int = option(2, "data", "data loading processes (0: in the training process)")
     # model
@@ -103,6 +119,27 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(
         default_factory=dict,
         metadata=describe("model", "model config fields (`xception summary MODEL` shows them)"),
+    )
+    # fine-tuning
+    init_weights: str | None = option(
+        None,
+        "fine-tuning",
+        "weights file to start from (converted Keras or timm, a run's best.safetensors): "
+        "its architecture and preprocessing are the defaults; the classifier is new where "
+        "the data's classes differ from the file's",
+    )
+    freeze_backbone: bool = option(
+        False, "fine-tuning", "train the head only (the backbone's BatchNorm as loaded)"
+    )
+    freeze_epochs: int = option(
+        0, "fine-tuning", "train the head alone for this many epochs, then everything"
+    )
+    head_lr_scale: float = option(1.0, "fine-tuning", "the head's learning rate / the backbone's")
+    freeze_bn: bool = option(
+        False,
+        "fine-tuning",
+        "keep every BatchNorm's statistics, scale and shift as loaded (small batches spoil "
+        "pretrained statistics)",
     )
     # optimisation
     optimizer: Literal["sgd", "rmsprop_tf", "adamw"] = option(
@@ -126,6 +163,12 @@ class TrainConfig:
     seed: int = option(0, "optimisation", "seed of initial weights, data order and augmentation")
     # schedule
     epochs: int = option(10, "schedule", "passes over the training split")
+    lr_schedule: Literal["staircase", "cosine"] = option(
+        "staircase",
+        "schedule",
+        "staircase: the paper's decay by lr_decay every lr_decay_every; cosine: to zero "
+        "over the run",
+    )
     max_steps: int | None = option(None, "schedule", "stop after this many optimiser steps")
     lr_decay: float = option(0.94, "schedule", "staircase: lr factor every lr_decay_every units")
     lr_decay_every: float = option(2.0, "schedule", "staircase period, in lr_decay_unit")
@@ -145,6 +188,20 @@ class TrainConfig:
     ema_warmup: bool = option(
         True, "regularisation", "average with decay min(ema_decay, (1 + n) / (10 + n))"
     )
+    # augmentation (training images only; every draw is a function of seed and position)
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = option(
+        "none", "augmentation", "torchvision's RandAugment or TrivialAugmentWide"
+    )
+    random_erasing: float = option(
+        0.0, "augmentation", "probability of filling a random rectangle with noise"
+    )
+    mixup: float = option(0.0, "augmentation", "mixup: alpha of Beta(alpha, alpha) (0: off)")
+    cutmix: float = option(
+        0.0,
+        "augmentation",
+        "cutmix: alpha of Beta(alpha, alpha) (0: off); with mixup, a "
+        "batch takes one of the two at random",
+    )
     # checkpointing and logging
     save_every: int = option(
         0, "checkpointing and logging", "steps between checkpoints (0: at epoch ends only)"
@@ -163,14 +220,20 @@ class TrainConfig:
         normalize(self)
         check_device_name(self.device)
         check_numbers(self, allow_zero=MAY_BE_ZERO)
-        for name in ("ema_decay", "label_smoothing", "lr_decay", "rmsprop_decay"):
+        for name in ("ema_decay", "label_smoothing", "lr_decay", "rmsprop_decay", "random_erasing"):
             if getattr(self, name) > 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}"
             )
-        self.preprocessing()  # crop_pct, min_crop_area
+        self.preprocessing()  # crop_pct, min_crop_area, mean, std
+        if self.freeze_backbone and self.freeze_epochs:
+            raise ValueError("freeze_backbone trains the head throughout; drop freeze_epochs")
+        if self.init_weights is not None:
+            path = Path(self.init_weights).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"init_weights file not found: {path}")
         owned = sorted(set(self.model_overrides) & set(TRAINING_OWNED))
         if owned:
             raise ValueError(f"model_overrides may not set {owned[0]}: {TRAINING_OWNED[owned[0]]}")
@@ -188,13 +251,17 @@ class TrainConfig:
             values["dropout"] = self.dropout
         if num_classes is not None:
             values["num_classes"] = num_classes
-        return model_config(self.model, **values)
+        if self.init_weights is None:
+            return model_config(self.model, **values)
+        return weights_config(self.init_weights, self.model, new_head=True, **values)[1]
 
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(
             image_size=self.image_size,
             crop_pct=self.crop_pct,
             interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
             min_crop_area=self.min_crop_area,
         )
 
@@ -235,16 +302,35 @@ def resolve(
     overrides: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
     """Defaults < recipe < YAML < overrides, key by key (``model_overrides`` merged too),
-    with unknown keys named."""
+    with unknown keys named. With ``init_weights``, the file's model and preprocessing
+    stand in for the recipe's wherever the YAML and the overrides leave them unsaid."""
     check_recipe(recipe)
+    layers = (RECIPES[recipe] if recipe else {}, yaml_values or {}, overrides or {})
     values: dict[str, Any] = {}
-    for layer in (RECIPES[recipe] if recipe else {}, yaml_values or {}, overrides or {}):
+    for layer in layers:
         check_known(TrainConfig, layer, "training option")
         for key, value in layer.items():
             if key == "model_overrides":
                 value = {**values.get(key, {}), **_mapping(value)}
             values[key] = value
+    if values.get("init_weights") is not None:
+        said = set(layers[1]) | set(layers[2])
+        from_file = _init_weights_defaults(Path(values["init_weights"]).expanduser())
+        values.update({key: value for key, value in from_file.items() if key not in said})
     return TrainConfig(**values)
+
+
+def _init_weights_defaults(path: Path) -> dict[str, Any]:
+    """The model name and preprocessing a weights file records, as training options."""
+    if not path.is_file():
+        raise FileNotFoundError(f"init_weights file not found: {path}")
+    metadata = read_metadata(path)
+    values = {"model": metadata["model"]} if isinstance(metadata.get("model"), str) else {}
+    pre = metadata.get("preprocessing")
+    if isinstance(pre, dict):
+        keys = ("image_size", "crop_pct", "interpolation", "mean", "std")
+        values.update({key: pre[key] for key in keys if key in pre})
+    return values
 
 
 def _mapping(value: Any) -> Any:

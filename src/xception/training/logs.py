@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from xception.files import atomic_write
+from xception.plots import pyplot, save_figure
 
 METRICS_FILE = "metrics.csv"
 
@@ -50,22 +51,6 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
             writer.writerows(rows)
 
     atomic_write(run_dir / METRICS_FILE, write)
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot on the file-only backend (no display is ever needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig: Any, path: Path, dpi: int = 100) -> None:
-    """Write ``fig`` as a PNG atomically and free it."""
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
-    pyplot().close(fig)
 
 
 def plot_profile(run_dir: Path, rows: list[dict[str, float]], title: str) -> None:

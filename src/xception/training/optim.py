@@ -9,6 +9,7 @@ epoch and sample counters, never a scheduler's internal state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -22,6 +23,7 @@ from xception.layers import SeparableConv2d
 __all__ = [
     "LRSchedule",
     "RMSpropTF",
+    "cosine_decay",
     "param_groups",
     "scale_lr",
     "set_lr",
@@ -32,7 +34,10 @@ _DECAYED_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, spatial_lr_fan_in: bool = False
+    model: nn.Module,
+    weight_decay: float,
+    spatial_lr_fan_in: bool = False,
+    head_lr_scale: float = 1.0,
 ) -> list[dict]:
     """Split trainable parameters into groups by weight decay and learning-rate scale.
 
@@ -50,8 +55,14 @@ def param_groups(
     (``groups=1``) spatial convolution at a depthwise network's rate changes its output
     ``C`` times faster and does not train; with the scale every point of the spectrum
     moves at the depthwise rate (the depthwise end is unchanged). ``set_lr`` applies it.
+
+    ``head_lr_scale`` is the ``lr_scale`` of the model's ``head`` (its classifier and FC
+    layers): fine-tuning often trains a new head faster than a pretrained backbone.
     """
     scales: dict[int, float] = {}
+    head = getattr(model, "head", None)
+    if head_lr_scale != 1.0 and head is not None:
+        scales.update({id(p): head_lr_scale for p in head.parameters()})
     if spatial_lr_fan_in:
         for module in model.modules():
             if isinstance(module, SeparableConv2d):
@@ -195,14 +206,24 @@ def scale_lr(base_lr: float, global_batch: int, reference_batch: int) -> float:
     return base_lr * global_batch / reference_batch
 
 
+def cosine_decay(base_lr: float, step: int, warmup_steps: int, total_steps: int) -> float:
+    """Half a cosine from ``base_lr`` after warm-up to 0 at ``total_steps`` (SGDR without
+    restarts, Loshchilov & Hutter 2017): slow at both ends, the common fine-tuning decay."""
+    span = max(total_steps - warmup_steps, 1)
+    done = min(max(step - warmup_steps, 0), span)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * done / span))
+
+
 @dataclass(frozen=True)
 class LRSchedule:
-    """Staircase decay in epochs, samples or steps, with an optional linear warm-up.
+    """Staircase decay in epochs, samples or steps, or a cosine over ``total_steps``, with
+    an optional linear warm-up.
 
     ``lr_at`` depends only on the progress counters, so resuming from a checkpoint is
-    exact. Warm-up multiplies the decayed rate by ``(step + 1) / warmup_steps`` for the
-    first ``warmup_steps`` steps: the first step already moves (no wasted zero-lr step) and
-    step ``warmup_steps - 1`` meets the schedule.
+    exact (the cosine spans the run's epochs, so a resume that changes ``epochs``
+    reshapes what is left of it; ``max_steps`` does not). Warm-up multiplies the rate by
+    ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps: the first step
+    already moves (no wasted zero-lr step) and step ``warmup_steps - 1`` meets the schedule.
     """
 
     base_lr: float
@@ -210,17 +231,25 @@ class LRSchedule:
     decay_every: float
     decay_unit: Literal["epoch", "samples", "step"]
     warmup_steps: int = 0
+    kind: Literal["staircase", "cosine"] = "staircase"
+    total_steps: int = 0  # the cosine's length
 
     def __post_init__(self) -> None:
         if self.decay_unit not in ("epoch", "samples", "step"):
             raise ValueError(f"decay_unit must be epoch, samples or step, got {self.decay_unit}")
         if self.decay_every <= 0 or self.decay_factor <= 0 or self.warmup_steps < 0:
             raise ValueError("decay_every and decay_factor must be positive, warmup_steps >= 0")
+        if self.kind not in ("staircase", "cosine"):
+            raise ValueError(f"kind must be staircase or cosine, got {self.kind}")
 
     def lr_at(self, step: int, epoch_float: float, samples_seen: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based), given the matching progress."""
-        progress = {"epoch": epoch_float, "samples": samples_seen, "step": step}[self.decay_unit]
-        lr = staircase_decay(self.base_lr, progress, self.decay_every, self.decay_factor)
+        if self.kind == "cosine":
+            lr = cosine_decay(self.base_lr, step, self.warmup_steps, self.total_steps)
+        else:
+            progress = {"epoch": epoch_float, "samples": samples_seen, "step": step}
+            unit = progress[self.decay_unit]
+            lr = staircase_decay(self.base_lr, unit, self.decay_every, self.decay_factor)
         if step < self.warmup_steps:
             lr *= (step + 1) / self.warmup_steps
         return lr

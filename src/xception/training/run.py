@@ -17,6 +17,7 @@ from typing import Any
 
 from xception.devices import resolve_device
 from xception.distributed import World, barrier, close_world, init_world
+from xception.evaluation import per_class
 from xception.files import write_json, write_text
 from xception.training.config import RESUME_OPTIONS, TrainConfig, from_yaml_file, to_yaml
 from xception.training.trainer import Trainer
@@ -31,6 +32,9 @@ RUN_ARTIFACTS = (
     "best.safetensors",
     "run.log",
     "summary.json",
+    "per_class.csv",
+    "confusion.csv",
+    "confusion.png",
 )
 
 
@@ -41,6 +45,7 @@ class RunResult:
     wall_time: float
     images_per_second: float  # training throughput (evaluation excluded)
     primary_metric: str  # the key of metrics that ranks runs (val_top1 or val_map100)
+    per_class: list[dict[str, Any]] | None = None  # single-label: the last evaluation's
 
 
 def run_folder(config: TrainConfig, out: Path | None, overwrite: bool) -> tuple[Path, list[Path]]:
@@ -126,12 +131,14 @@ def run_in_world(
 def _run(trainer: Trainer, run_dir: Path | None) -> RunResult:
     begin = time.perf_counter()
     metrics, images, seconds = trainer.run(run_dir)
+    confusion = trainer.confusion
     result = RunResult(
         run_dir,
         metrics,
         time.perf_counter() - begin,
         images / max(seconds, 1e-9),
         trainer.score_key,
+        per_class(confusion, trainer.classes) if confusion is not None else None,
     )
     if run_dir is not None:
         summary = {
@@ -141,6 +148,7 @@ def _run(trainer: Trainer, run_dir: Path | None) -> RunResult:
             "wall_time_s": result.wall_time,
             "images_per_second": result.images_per_second,
             "skipped_files": sorted(trainer.skipped),
+            "per_class": result.per_class,
             "model": trainer.config.model,
             "steps": trainer.position.step,
         }

@@ -18,9 +18,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from xception.class_report import format_table, write_class_report
+from xception.data.augment import Augmentation, mix_batch
 from xception.data.loaders import (
     Batch,
     EvalBatchSampler,
@@ -30,7 +33,7 @@ from xception.data.loaders import (
 )
 from xception.devices import accumulator_dtype, autocast, model_input, resolve_device
 from xception.distributed import World, convert_sync_batchnorm
-from xception.evaluation import class_frequency_weights, evaluate, primary_metric
+from xception.evaluation import class_frequency_weights, evaluate, per_class, primary_metric
 from xception.files import atomic_write
 from xception.runtime import compile_for_training
 from xception.training import checkpoint as ckpt
@@ -39,6 +42,8 @@ from xception.training.builders import (
     build_optimizer,
     build_schedule,
     build_splits,
+    class_balance,
+    freeze,
     loss,
 )
 from xception.training.config import TrainConfig
@@ -80,8 +85,22 @@ class Trainer:
         self.multi_label = train_split.multi_label
         self.score_key = "val_" + primary_metric(self.multi_label)
 
+        if len(train_split) < config.batch_size:
+            raise ValueError(
+                f"the training split has {len(train_split)} images, fewer than one batch "
+                f"of {config.batch_size}"
+            )
+        if config.balance and self.multi_label:
+            raise ValueError("balance weighs single-label classes; this data is multi-label")
+        self.steps_per_epoch = len(train_split) // config.batch_size
+        self.total_steps = self.steps_per_epoch * config.epochs
+        if config.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.max_steps)
+
         torch.manual_seed(config.seed)
-        self.model = build_model(config, len(self.classes)).to(self.device)
+        model, self.init_note = build_model(config, self.classes)
+        self.model = model.to(self.device)
+        freeze(self.model, backbone=config.freeze_backbone, batch_norm=config.freeze_bn)
         if world.distributed and config.sync_bn:
             self.model = convert_sync_batchnorm(self.model, self.device.type)
         if config.channels_last:
@@ -93,23 +112,18 @@ class Trainer:
         )
         self.optimizer = build_optimizer(config, self.model)
         self.wrapped = self._wrap(self.model)  # DDP, compile: may fail, so before any write
-        self.schedule = build_schedule(config)
+        # the cosine spans the epochs asked for: max_steps stops a run early, it does not
+        # reshape the schedule (so a partial run resumes onto the same curve)
+        self.schedule = build_schedule(config, self.steps_per_epoch * config.epochs)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.position = ckpt.Position()
         self.best: float | None = None
         self.pre = config.preprocessing()
-        if len(train_split) < config.batch_size:
-            raise ValueError(
-                f"the training split has {len(train_split)} images, fewer than one batch "
-                f"of {config.batch_size}"
-            )
-        self.steps_per_epoch = len(train_split) // config.batch_size
-        self.total_steps = self.steps_per_epoch * config.epochs
-        if config.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.max_steps)
-        self.class_weights = (
+        self.map_weights = (
             class_frequency_weights(train_split.label_matrix()) if self.multi_label else None
         )
+        self.loss_weights = class_balance(train_split).to(self.device) if config.balance else None
+        self.confusion: torch.Tensor | None = None  # of the last evaluation (averaged weights)
         pin = self.device.type == "cuda"
         self.sampler = TrainBatchSampler(
             len(train_split),
@@ -118,8 +132,9 @@ class Trainer:
             world.rank,
             world.size,
         )
+        augmentation = Augmentation(config.auto_augment, config.random_erasing)
         self.train_loader = make_loader(
-            ImageDataset(train_split, self.pre, True, config.seed),
+            ImageDataset(train_split, self.pre, True, config.seed, augmentation),
             self.sampler,
             config.workers,
             pin,
@@ -203,6 +218,9 @@ class Trainer:
             config.batch_size,
             self.position.step,
         )
+        if self.init_note is not None:
+            logs.info("init weights: %s", self.init_note)
+            bar.line(f"init weights: {self.init_note}")
         metrics = logs.rows[-1] if logs.rows else {}
         images, seconds = 0, 0.0
         try:
@@ -222,6 +240,10 @@ class Trainer:
                         **self._evaluate(),
                     }
                     self._end_of_epoch(metrics, logs, bar)
+            if self.run_dir is not None and self.confusion is not None:
+                write_class_report(self.run_dir, self.confusion, self.classes)
+                table = format_table(per_class(self.confusion, self.classes))
+                logs.info("per class, averaged weights, last evaluation:\n%s", table)
         finally:
             bar.close()
             logs.close()
@@ -230,7 +252,12 @@ class Trainer:
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.world.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            model = nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=ids,
+                # the backbone sits out the first freeze_epochs: its parameters get no grads
+                find_unused_parameters=self.config.freeze_epochs > 0,
+            )
         if self.config.compile:
             model = compile_for_training(model, self.device)
         return model
@@ -238,6 +265,10 @@ class Trainer:
     def _train_epoch(self, model: nn.Module, bar: Progress, logs: RunLogs) -> EpochResult:
         config = self.config
         model.train()
+        head_only = self.position.epoch < config.freeze_epochs
+        freeze(
+            self.model, backbone=config.freeze_backbone or head_only, batch_norm=config.freeze_bn
+        )
         dtype = accumulator_dtype(self.device)
         loss_sum = torch.zeros((), dtype=dtype, device=self.device)
         counted, images, micro = 0, 0, 0
@@ -250,12 +281,18 @@ class Trainer:
             images_in = self._placeholder(batch) if empty else batch
             x = model_input(images_in.images, self.pre, self.device, config.channels_last)
             y = images_in.targets.to(self.device, non_blocking=True)
+            if (config.mixup or config.cutmix) and not empty:
+                x, y = mix_batch(
+                    x, y, len(self.classes), config.mixup, config.cutmix, self._rng(micro)
+                )
             micro += 1
             sync = micro == config.grad_accum
             no_sync = getattr(model, "no_sync", None)
             context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
             with context, autocast(self.device, config.amp):
-                value = loss(model(x), y, self.multi_label, config.label_smoothing)
+                value = loss(
+                    model(x), y, self.multi_label, config.label_smoothing, self.loss_weights
+                )
                 value = value * (0.0 if empty else 1.0)
             self.scaler.scale(value / config.grad_accum).backward()
             if not empty:
@@ -296,6 +333,13 @@ class Trainer:
             images,
             time.perf_counter() - tick,
         )
+
+    def _rng(self, micro: int) -> np.random.Generator:
+        """The generator of one micro-batch's mixing: a function of the seed and the
+        position, so a resumed run mixes as an uninterrupted one."""
+        position = self.position
+        key = [self.config.seed, position.epoch, position.batch_in_epoch, micro, self.world.rank]
+        return np.random.default_rng(key)
 
     def _lr(self) -> float:
         group = self.optimizer.param_groups[0]
@@ -355,19 +399,22 @@ class Trainer:
             models["val_raw"] = self.model
         metrics: dict[str, float] = {}
         for prefix, model in models.items():
-            result, skipped = evaluate(
+            result = evaluate(
                 model,
                 self.val_loader,
                 self.device,
                 self.pre,
                 self.world,
                 self.multi_label,
-                self.class_weights,
+                self.map_weights,
                 self.config.channels_last,
                 self.config.amp,
+                len(self.classes),
             )
-            self.skipped.update(skipped)
-            metrics.update({f"{prefix}_{key}": value for key, value in result.items()})
+            self.skipped.update(result.skipped)
+            metrics.update({f"{prefix}_{key}": value for key, value in result.metrics.items()})
+            if prefix == "val":
+                self.confusion = result.confusion
         return metrics
 
     def _end_of_epoch(self, metrics: dict[str, float], logs: RunLogs, bar: Progress) -> None:
