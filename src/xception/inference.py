@@ -355,8 +355,8 @@ def format_predictions(rows: list[dict[str, Any]], fmt: str) -> str:
         lines.append(row["path"])
         if "error" in row:
             lines.append(f"  error: {row['error']}")
-        if "cam" in row:
-            lines.append(f"  Grad-CAM: {row['cam']}")
         for rank, p in enumerate(row.get("predictions", []), 1):
             lines.append(f"  {rank}. {p['class']:<24} {p['probability']:.4f}")
+        if "cam" in row:
+            lines.append(f"  Grad-CAM: {row['cam']}")
     return "\n".join(lines)

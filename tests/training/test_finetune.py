@@ -189,3 +189,14 @@ def test_init_weights_of_another_family_or_a_corrupt_file_fail_before_any_write(
         "corrupt.safetensors",
         "inception.safetensors",
     ]
+
+
+def test_a_fine_tuning_run_resumes_without_its_init_file(pretrained, two_classes, tmp_path):
+    """The checkpoint records the architecture; the start file may have moved since."""
+    start = tmp_path / "start.safetensors"
+    shutil.copy(pretrained, start)
+    options = {"data": str(two_classes), "batch_size": 8, "workers": 0}
+    xception.train("finetune", init_weights=start, out=tmp_path / "run", max_steps=2, **options)
+    start.unlink()
+    resumed = xception.train(resume=tmp_path / "run", max_steps=3, progress=False)
+    assert resumed.metrics["step"] == 3

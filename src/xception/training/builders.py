@@ -37,11 +37,15 @@ def build_splits(config: TrainConfig, world: World, progress: bool) -> dict[str,
     return splits
 
 
-def build_model(config: TrainConfig, classes: tuple[str, ...]) -> tuple[nn.Module, str | None]:
-    """The model to train, and what happened to the head of ``init_weights`` (None
-    without it): kept when the file was trained on these classes, else new."""
-    model = get_entry(config.model).model_class(config.model_config(len(classes)))
-    if config.init_weights is None:
+def build_model(
+    config: TrainConfig, classes: tuple[str, ...], checkpoint: Path | None = None
+) -> tuple[nn.Module, str | None]:
+    """The model to train (of the architecture ``checkpoint`` records when resuming), and
+    what happened to the head of ``init_weights`` (None without it): kept when the file
+    was trained on these classes, else new."""
+    model_config = config.model_config(len(classes), checkpoint)
+    model = get_entry(config.model).model_class(model_config)
+    if config.init_weights is None or checkpoint is not None:
         return model, None
     path = Path(config.init_weights).expanduser()
     saved = read_metadata(path).get("classes")

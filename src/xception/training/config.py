@@ -243,17 +243,19 @@ class TrainConfig:
         typed = {key: getattr(model, key) for key in self.model_overrides}
         object.__setattr__(self, "model_overrides", typed)
 
-    def model_config(self, num_classes: int | None = None) -> Any:
-        """The model's config: its registered defaults, ``model_overrides``, the training
-        image size as its input size, ``dropout`` when set, and ``num_classes``."""
+    def model_config(self, num_classes: int | None = None, checkpoint: Path | None = None) -> Any:
+        """The model's config: the architecture a weights file records (``checkpoint``,
+        else ``init_weights``) or the registered defaults, with ``model_overrides``, the
+        training image size as its input size, ``dropout`` when set, and ``num_classes``."""
         values = {**self.model_overrides, "image_size": self.image_size}
         if self.dropout is not None:
             values["dropout"] = self.dropout
         if num_classes is not None:
             values["num_classes"] = num_classes
-        if self.init_weights is None:
+        source = checkpoint or self.init_weights
+        if source is None:
             return model_config(self.model, **values)
-        return weights_config(self.init_weights, self.model, new_head=True, **values)[1]
+        return weights_config(source, self.model, new_head=checkpoint is None, **values)[1]
 
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(
@@ -353,6 +355,9 @@ def from_yaml_file(path: Path) -> tuple[TrainConfig, str | None]:
     recipe = values.pop("recipe", None)
     for key in RETIRED_OPTIONS:
         values.pop(key, None)
+    # A resumed run starts from its checkpoint, which records the architecture too: the
+    # file it was first started from is no longer needed (it may have moved).
+    values.pop("init_weights", None)
     try:
         return from_values(TrainConfig, values, "training option"), recipe
     except ValueError as error:

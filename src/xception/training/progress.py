@@ -29,21 +29,22 @@ class Progress:
             else None
         )
         self.last_line = time.monotonic()
+        self.figures: dict[str, str] = {}
 
     def update(self, step: int, loss: float | None, images_per_second: float | None) -> None:
-        """Training reached ``step``; ``loss`` and the rate are shown when given."""
+        """Training reached ``step``; ``loss`` and the rate, when given, are shown until
+        newer ones come."""
         advanced, self.step = step - self.step, step
-        figures = {}
         if loss is not None:
-            figures["loss"] = f"{loss:.3f}"
+            self.figures["loss"] = f"{loss:.3f}"
         if images_per_second is not None:
-            figures["img/s"] = f"{images_per_second:.0f}"
+            self.figures["img/s"] = f"{images_per_second:.0f}"
         if self.bar is not None:
             self.bar.update(advanced)
-            if figures:
-                self.bar.set_postfix(figures, refresh=False)
+            if loss is not None or images_per_second is not None:
+                self.bar.set_postfix(self.figures, refresh=False)
         elif self.enabled and time.monotonic() - self.last_line >= self.interval:
-            shown = "".join(f" {key} {value}" for key, value in figures.items())
+            shown = "".join(f" {key} {value}" for key, value in self.figures.items())
             self.line(f"step {step}/{self.total} ({step / max(self.total, 1):.0%}){shown}")
 
     def line(self, text: str) -> None:

@@ -106,7 +106,7 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, progress: bool =
     config = replace(saved, **overrides)
 
     def start(world: World) -> tuple[Trainer, Path | None]:
-        trainer = Trainer(config, recipe, world, progress)
+        trainer = Trainer(config, recipe, world, progress, checkpoint=weights)
         trainer.restore(weights)
         return trainer, weights.parent if world.is_main else None
 

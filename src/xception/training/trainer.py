@@ -70,8 +70,14 @@ class Trainer:
     ``restore`` a checkpoint, then ``run``."""
 
     def __init__(
-        self, config: TrainConfig, recipe: str | None, world: World, progress: bool = True
+        self,
+        config: TrainConfig,
+        recipe: str | None,
+        world: World,
+        progress: bool = True,
+        checkpoint: Path | None = None,
     ) -> None:
+        """``checkpoint``: the run's own, to be ``restore``-d (it records the architecture)."""
         self.config, self.recipe, self.world = config, recipe, world
         self.progress = progress and world.is_main
         self.run_dir: Path | None = None
@@ -98,7 +104,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.max_steps)
 
         torch.manual_seed(config.seed)
-        model, self.init_note = build_model(config, self.classes)
+        model, self.init_note = build_model(config, self.classes, checkpoint)
         self.model = model.to(self.device)
         freeze(self.model, backbone=config.freeze_backbone, batch_norm=config.freeze_bn)
         if world.distributed and config.sync_bn:
