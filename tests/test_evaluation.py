@@ -224,4 +224,4 @@ def test_confusion_and_per_class_results_against_counts_by_hand():
     assert [r["recall"] for r in rows] == pytest.approx([1 / 2, 1 / 2, 1.0])
     assert rows[2]["f1"] == pytest.approx(0.8)
     empty = per_class(torch.tensor([[2, 0], [0, 0]]), ["x", "y"])
-    assert empty[1]["precision"] == 0 and math.isnan(empty[1]["recall"])
+    assert empty[1]["precision"] == 0 and empty[1]["recall"] is None

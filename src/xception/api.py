@@ -50,10 +50,11 @@ def train(
 
     ``options`` are training options (``data``, ``model``, ``epochs``, ``lr``,
     ``model_overrides`` ...: ``xception train --help`` lists them all), layered as
-    defaults < ``recipe`` (``quick`` unless ``config`` names one) < ``config`` (a YAML
-    file or a mapping) < ``options``. ``resume`` continues the run in that folder exactly;
-    only how long and where it runs may change then (``epochs``, ``max_steps``, ``device``,
-    ``workers``, ``save_every``, ``log_every``).
+    defaults < ``recipe`` (unless ``config`` names one: ``finetune`` with ``init_weights``,
+    else ``quick``) < ``config`` (a YAML file or a mapping) < ``options``. ``resume``
+    continues the run in that folder exactly; only how long and where it runs may change
+    then (``epochs``, ``max_steps``, ``device``, ``workers``, ``save_every``,
+    ``log_every``).
     """
     if resume is not None:
         if recipe or config or out or overwrite:
@@ -63,7 +64,9 @@ def train(
             )
         return resume_run(Path(resume), options, progress)
     values = load_yaml(config) if isinstance(config, str | Path) else dict(config or {})
-    recipe = recipe or values.pop("recipe", None) or "quick"  # an explicit recipe wins
+    starts_from_weights = options.get("init_weights") or values.get("init_weights")
+    default = "finetune" if starts_from_weights else "quick"
+    recipe = recipe or values.pop("recipe", None) or default  # an explicit recipe wins
     values.pop("recipe", None)
     run_config = resolve(recipe, values, options)
     return train_run(run_config, recipe, Path(out) if out else None, overwrite, progress)

@@ -17,15 +17,17 @@ from xception.plots import pyplot, save_figure
 
 # Above this many classes the printed table and the plot's cell labels are left out.
 LEGIBLE_CLASSES = 40
+REPORT_FILES = ("per_class.csv", "confusion.csv", "confusion.png")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     width = max(len("class"), *(len(row["class"]) for row in rows))
     lines = [f"{'class':<{width}}  {'images':>6}  {'precision':>9}  {'recall':>6}  {'f1':>6}"]
     for row in rows:
+        recall = "-" if row["recall"] is None else f"{row['recall']:.4f}"
         lines.append(
             f"{row['class']:<{width}}  {row['images']:>6}  {row['precision']:>9.4f}  "
-            f"{row['recall']:>6.4f}  {row['f1']:>6.4f}"
+            f"{recall:>6}  {row['f1']:>6.4f}"
         )
     return "\n".join(lines)
 
@@ -41,7 +43,8 @@ def write_class_report(folder: Path, confusion: torch.Tensor, classes: Sequence[
     ``confusion.csv`` (rows: true class, columns: predicted) and ``confusion.png``."""
     rows = per_class(confusion, classes)
     columns = ["class", "images", "precision", "recall", "f1"]
-    write_text(folder / "per_class.csv", _csv([columns, *([r[c] for c in columns] for r in rows)]))
+    table = [columns, *([r[c] if r[c] is not None else "" for c in columns] for r in rows)]
+    write_text(folder / "per_class.csv", _csv(table))
     counts = confusion.tolist()
     table = [[name, *row] for name, row in zip(classes, counts, strict=True)]
     table.insert(0, ["true \\ predicted", *classes])

@@ -394,9 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train a model (default: xception_tiny on the built-in data set)",
-        description="Train on an image folder (ROOT/train/<class>, ROOT/val/<class>; or "
-        "train.csv/val.csv manifests for multi-label data) or, without --data, on the "
-        "built-in procedurally rendered data set. Under torchrun it trains with DDP. "
+        description="Train on an image folder (ROOT/train/<class>, ROOT/val/<class>), on "
+        "train.csv/val.csv manifests (header path,label: single-label; path,labels: "
+        "multi-label) or, without --data, on the built-in procedurally rendered data set; "
+        "from scratch or, with --init-weights, from a weights file. Under torchrun it "
+        "trains with DDP. "
         "Options layer as: defaults < --recipe < --config < flags; each option shows "
         f"its default and, where it differs, the value of the {DEFAULT_RECIPE} recipe "
         "(the default recipe).",
@@ -405,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument(
         "--recipe",
         choices=list(RECIPES),
-        help=f"preset of options: {', '.join(RECIPES)} (default: {DEFAULT_RECIPE})",
+        help=f"preset of options: {', '.join(RECIPES)} (default: {DEFAULT_RECIPE}; "
+        "finetune with --init-weights)",
     )
     run_group.add_argument("--config", metavar="YAML", help="YAML file of training options")
     key_values(run_group, "--set", "any training option by its name, e.g. weight_decay=4e-5")

@@ -324,7 +324,7 @@ class ConfusionMatrix:
 def per_class(confusion: Tensor, classes: Sequence[str]) -> list[dict[str, Any]]:
     """Per class: images, precision, recall (the class's accuracy: the share of its images
     named right) and F1, from a confusion matrix (rows true, columns predicted). A class
-    never predicted has precision 0; one without images has recall NaN."""
+    never predicted has precision 0; one without images has no recall (None)."""
     counts = confusion.to(torch.float64)
     hits, actual, predicted = counts.diagonal(), counts.sum(1), counts.sum(0)
     precision = torch.where(predicted > 0, hits / predicted.clamp(min=1), 0.0)
@@ -335,7 +335,7 @@ def per_class(confusion: Tensor, classes: Sequence[str]) -> list[dict[str, Any]]
             "class": name,
             "images": int(actual[i]),
             "precision": precision[i].item(),
-            "recall": recall[i].item(),
+            "recall": None if actual[i] == 0 else recall[i].item(),
             "f1": f1[i].item(),
         }
         for i, name in enumerate(classes)

@@ -27,12 +27,15 @@ class ClassActivation:
     score: float  # the class's logit
 
 
-def cam_layer(model: nn.Module) -> str:
-    """The model's default Grad-CAM layer."""
-    layer = getattr(model, "cam_layer", None)
-    if layer is None:
+def target_layer(model: nn.Module, layer: str | None) -> tuple[str, nn.Module]:
+    """The layer Grad-CAM weighs: ``layer``, else the model's ``cam_layer``."""
+    name = layer or getattr(model, "cam_layer", None)
+    if name is None:
         raise ValueError(f"{type(model).__name__} names no Grad-CAM layer; pass one")
-    return layer
+    try:
+        return name, model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"the model has no layer {name!r}") from None
 
 
 def gradcam(
@@ -48,16 +51,16 @@ def gradcam(
     x = image.unsqueeze(0) if image.ndim == 3 else image
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"expected one image (C, H, W), got {tuple(image.shape)}")
-    name = layer or cam_layer(model)
-    try:
-        target = model.get_submodule(name)
-    except AttributeError:
-        raise ValueError(f"the model has no layer {name!r}") from None
+    name, target = target_layer(model, layer)
     captured: dict[str, torch.Tensor] = {}
 
-    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+    def keep(_module: nn.Module, _inputs: object, output: object) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.ndim != 4:
+            raise ValueError(f"layer {name!r} gives no feature maps to weigh")
+        # the rest of the network reads a copy: an in-place op after the layer (a ReLU
+        # that overwrites its input) cannot change the maps kept here
         captured["maps"] = output
-        output.register_hook(lambda grad: captured.__setitem__("grads", grad))
+        return output.clone()
 
     was_training = model.training
     model.eval()
@@ -65,6 +68,8 @@ def gradcam(
     try:
         with torch.enable_grad():
             logits = model(x.detach().requires_grad_(True))
+            if "maps" not in captured:
+                raise ValueError(f"layer {name!r} does not run in the model's forward pass")
             chosen = int(logits.argmax(1)) if class_index is None else class_index
             if not 0 <= chosen < logits.shape[1]:
                 raise ValueError(f"class {chosen} is not one of the {logits.shape[1]} classes")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from xception.class_report import write_class_report
+from xception.class_report import REPORT_FILES, write_class_report
 from xception.config import from_values
 from xception.data.folder import IMAGE_EXTENSIONS, discover
 from xception.data.loaders import EvalBatchSampler, ImageDataset, make_loader, single_images
@@ -35,7 +35,7 @@ from xception.distributed import World
 from xception.evaluation import class_frequency_weights, evaluate, per_class
 from xception.files import atomic_write, write_json
 from xception.fusion import inference_model
-from xception.gradcam import cam_layer, gradcam, overlay
+from xception.gradcam import gradcam, overlay, target_layer
 from xception.registry import load_model
 from xception.weights import read_metadata
 
@@ -191,12 +191,7 @@ class Predictor:
             index = self.classes.index(cam.class_name)
         model, _ = load_model(self.weights, raw=self.raw)
         model = model.to(self.device).eval()
-        layer = cam.layer or cam_layer(model)
-        try:
-            model.get_submodule(layer)
-        except AttributeError:
-            raise ValueError(f"--cam-layer {layer!r} is not a layer of the model") from None
-        cam.folder.mkdir(parents=True, exist_ok=True)
+        layer, _ = target_layer(model, cam.layer)  # checked before any image is read
         used: set[str] = set()
 
         def explain(name: str, image: torch.Tensor) -> Path:
@@ -277,6 +272,10 @@ def evaluate_weights(
     results and the confusion matrix as CSV and PNG."""
     if json_path is not None and Path(json_path).exists() and not overwrite:
         raise FileExistsError(f"{json_path} exists; pass --overwrite or choose another --json path")
+    if report_dir is not None and not overwrite:
+        taken = [name for name in REPORT_FILES if (Path(report_dir) / name).exists()]
+        if taken:
+            raise FileExistsError(f"{Path(report_dir) / taken[0]} exists; pass --overwrite")
     weights = Path(weights)
     if weights.suffix == ".onnx":
         raise ValueError(f"eval scores weight files; run the ONNX export {weights} with predict")
@@ -291,6 +290,8 @@ def evaluate_weights(
             f"{len(classes)} ({', '.join(classes[:3])}, ...)"
         )
     multi_label = splits["val"].multi_label
+    if multi_label and report_dir is not None:
+        raise ValueError("--report writes single-label results; this data is multi-label")
     weights_per_class = (
         class_frequency_weights(splits["train"].label_matrix()) if multi_label else None
     )

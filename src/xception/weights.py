@@ -41,13 +41,15 @@ def write_weights(
     metadata: dict[str, Any] | None = None,
     raw: nn.Module | None = None,
 ) -> None:
+    """The file itself: ``metadata`` (JSON values) beside the architecture, which always
+    describes ``model`` (a caller's stale ``format``/``model``/``config`` never wins)."""
     config = getattr(model, "config", None)
-    meta = {
+    meta = {key: json.dumps(value) for key, value in (metadata or {}).items()}
+    meta |= {
         "format": FORMAT,
         "model": model_name,
         "config": json.dumps(dataclasses.asdict(config) if config is not None else {}),
     }
-    meta.update({key: json.dumps(value) for key, value in (metadata or {}).items()})
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if raw is not None:
         tensors.update(

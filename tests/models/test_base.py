@@ -34,3 +34,15 @@ def test_in_place_activations_change_neither_outputs_nor_gradients(name, size):
     torch.testing.assert_close(out, expected)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)
+
+
+def test_reset_classifier_keeps_the_config_true(tmp_path):
+    import xception
+    from xception.weights import save_weights
+
+    model = xception.create_model("xception_tiny", num_classes=5)
+    model.reset_classifier(0)
+    assert model.config.num_classes == 0 == model.num_classes
+    path = tmp_path / "notop.safetensors"
+    save_weights(model, path, "xception_tiny")  # the file describes what it holds
+    assert xception.load_model(path)[0].num_classes == 0

@@ -43,7 +43,7 @@ def test_the_file_sets_model_and_preprocessing_unless_said(pretrained, two_class
     assert sized.image_size == 80
     with pytest.raises(ValueError, match="holds xception_tiny with middle_blocks=2"):
         resolve("finetune", None, {"init_weights": str(pretrained), "model": "xception"})
-    with pytest.raises(FileNotFoundError, match="init_weights file not found"):
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
         resolve("finetune", None, {"init_weights": str(pretrained) + ".missing"})
 
 

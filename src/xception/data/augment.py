@@ -31,6 +31,9 @@ class Augmentation:
     random_erasing: float = 0.0  # probability
 
 
+NO_AUGMENTATION = Augmentation()
+
+
 def _policy(kind: AutoAugment):
     from torchvision.transforms import v2
 
@@ -43,8 +46,8 @@ def auto_augment(image: Image.Image, kind: AutoAugment, generator: torch.Generat
     if kind == "none":
         return image
     seed = int(torch.randint(0, 2**62, (), generator=generator))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # restores the CPU generator; GPUs untouched
+        torch.default_generator.manual_seed(seed)
         return _policy(kind)(image)
 
 

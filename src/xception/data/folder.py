@@ -91,8 +91,8 @@ def _manifest_split(root: Path, split: str) -> tuple[list[str], list[list[str]],
         multi_label = "labels" in columns
         for line, row in enumerate(reader, 2):
             text = row["labels" if multi_label else "label"] or ""
-            labels = [label.strip() for label in text.split(";")] if multi_label else [text]
-            labels = [label for label in labels if label.strip()]
+            labels = [label.strip() for label in (text.split(";") if multi_label else [text])]
+            labels = [label for label in labels if label]
             if not row["path"] or not labels:
                 raise ValueError(f"{manifest}:{line}: needs a path and a label")
             if not (root / row["path"]).is_file():
@@ -133,9 +133,12 @@ def _discover_manifest(root: Path) -> dict[str, Split]:
         raise ValueError(f"{root}: train.csv and val.csv must have the same header")
     classes = sorted({name for names in found["train"][1] for name in names})
     index = {name: i for i, name in enumerate(classes)}
-    unknown = sorted({n for names in found["val"][1] for n in names} - set(index))
-    if unknown:
-        raise ValueError(f"val.csv uses label {unknown[0]!r}, which no training image has")
+    for line, names in enumerate(found["val"][1], 2):
+        unknown = [name for name in names if name not in index]
+        if unknown:
+            raise ValueError(
+                f"{root / 'val.csv'}:{line}: label {unknown[0]!r}, which no training image has"
+            )
     return {
         split: Split(
             root,

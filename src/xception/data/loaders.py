@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from xception.data.augment import Augmentation
+from xception.data.augment import NO_AUGMENTATION, Augmentation
 from xception.data.folder import Split, read_rgb
 from xception.data.transforms import (
     Preprocessing,
@@ -34,7 +34,7 @@ class ImageDataset(Dataset):
         pre: Preprocessing,
         train: bool,
         seed: int = 0,
-        augmentation: Augmentation = Augmentation(),
+        augmentation: Augmentation = NO_AUGMENTATION,
     ) -> None:
         self.split, self.pre, self.train, self.seed = split, pre, train, seed
         self.augmentation = augmentation

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from xception.config import normalize as normalize_fields
-from xception.data.augment import Augmentation, auto_augment, erase
+from xception.data.augment import NO_AUGMENTATION, Augmentation, auto_augment, erase
 from xception.data.folder import to_rgb
 
 INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -86,7 +86,7 @@ def train_transform(
     image: Image.Image,
     pre: Preprocessing,
     generator: torch.Generator,
-    augmentation: Augmentation = Augmentation(),
+    augmentation: Augmentation = NO_AUGMENTATION,
 ) -> torch.Tensor:
     """Inception's random-resized crop and flip, then the ``augmentation``; every draw
     from the sample's ``generator``."""

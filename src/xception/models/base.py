@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -118,8 +119,10 @@ class ImageClassifier(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Swap the logistic regression layer, e.g. to fine-tune on another label set."""
+        """Swap the logistic regression layer, e.g. to fine-tune on another label set. The
+        config follows, so a weights file saved afterwards describes the new head."""
         self.head.reset(num_classes)
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
 
 class FeatureExtractor(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn
 from xception.data.folder import Split, discover
 from xception.data.synthetic import materialize
 from xception.distributed import World, barrier
-from xception.registry import HEAD_PREFIX, get_entry
+from xception.registry import HEAD_PREFIX, get_entry, weights_config
 from xception.training.config import TrainConfig
 from xception.training.optim import LRSchedule, RMSpropTF, param_groups, scale_lr
 from xception.weights import load_weights, read_metadata
@@ -43,21 +43,22 @@ def build_model(
     """The model to train (of the architecture ``checkpoint`` records when resuming), and
     what happened to the head of ``init_weights`` (None without it): kept when the file
     was trained on these classes, else new."""
-    model_config = config.model_config(len(classes), checkpoint)
-    model = get_entry(config.model).model_class(model_config)
-    if config.init_weights is None or checkpoint is not None:
+    model = get_entry(config.model).model_class(config.model_config(len(classes), checkpoint))
+    if config.init_weights is None:
         return model, None
     path = Path(config.init_weights).expanduser()
-    saved = read_metadata(path).get("classes")
-    new_head = list(classes) != saved
+    metadata = read_metadata(path)
+    new_head = list(classes) != metadata.get("classes")
     load_weights(model, path, skip=HEAD_PREFIX if new_head else None)
     if not new_head:
         return model, f"{path}: every layer loaded, head.classifier included"
-    had = f"{len(saved)} other classes" if saved else "no classifier"
-    return model, (
-        f"{path}: backbone loaded; new head.classifier for {len(classes)} classes "
-        f"(the file's had {had})"
-    )
+    if not metadata.get("format"):
+        had = "the file names no classes"
+    elif weights_config(path)[1].num_classes == 0:
+        had = "the file's had no classifier"
+    else:
+        had = f"the file's had {weights_config(path)[1].num_classes} other classes"
+    return model, f"{path}: backbone loaded; new head.classifier for {len(classes)} classes ({had})"
 
 
 def freeze(model: nn.Module, backbone: bool, batch_norm: bool) -> None:
@@ -116,11 +117,9 @@ def build_schedule(config: TrainConfig, total_steps: int) -> LRSchedule:
 
 
 def class_balance(split: Split) -> torch.Tensor:
-    """Loss weights ``N / (C * n_c)``: every class weighs as much as a balanced data set's."""
+    """Loss weights ``N / (C * n_c)``: every class weighs as much as a balanced data set's
+    (every class has training images: the split's classes come from them)."""
     counts = split.label_matrix().sum(0)
-    if bool((counts == 0).any()):
-        missing = split.classes[int((counts == 0).nonzero()[0])]
-        raise ValueError(f"class {missing!r} has no training image: it cannot be balanced")
     return counts.sum() / (len(counts) * counts)
 
 

@@ -167,7 +167,7 @@ class TrainConfig:
         "staircase",
         "schedule",
         "staircase: the paper's decay by lr_decay every lr_decay_every; cosine: to zero "
-        "over the run",
+        "at the end of the epochs (max_steps stops early on the same curve)",
     )
     max_steps: int | None = option(None, "schedule", "stop after this many optimiser steps")
     lr_decay: float = option(0.94, "schedule", "staircase: lr factor every lr_decay_every units")
@@ -230,16 +230,17 @@ class TrainConfig:
         self.preprocessing()  # crop_pct, min_crop_area, mean, std
         if self.freeze_backbone and self.freeze_epochs:
             raise ValueError("freeze_backbone trains the head throughout; drop freeze_epochs")
-        if self.init_weights is not None:
-            path = Path(self.init_weights).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"init_weights file not found: {path}")
         owned = sorted(set(self.model_overrides) & set(TRAINING_OWNED))
         if owned:
             raise ValueError(f"model_overrides may not set {owned[0]}: {TRAINING_OWNED[owned[0]]}")
         # The model's config is checked now, before any data is scanned or rendered; its
         # overrides are kept as the typed values the model config made of them.
         model = self.model_config()
+        if getattr(model, "aux_logits", False):
+            raise ValueError(
+                "training with Inception V3's auxiliary tower (aux_logits) is not supported: "
+                "the paper trains without it"
+            )
         typed = {key: getattr(model, key) for key in self.model_overrides}
         object.__setattr__(self, "model_overrides", typed)
 
@@ -324,8 +325,6 @@ def resolve(
 
 def _init_weights_defaults(path: Path) -> dict[str, Any]:
     """The model name and preprocessing a weights file records, as training options."""
-    if not path.is_file():
-        raise FileNotFoundError(f"init_weights file not found: {path}")
     metadata = read_metadata(path)
     values = {"model": metadata["model"]} if isinstance(metadata.get("model"), str) else {}
     pre = metadata.get("preprocessing")

@@ -77,7 +77,7 @@ def param_groups(
             seen.add(id(param))
             is_weight = name == "weight" and isinstance(module, _DECAYED_MODULES)
             grouped.setdefault((is_weight, scales.get(id(param), 1.0)), []).append(param)
-    order = sorted(grouped, key=lambda key: (-key[1], not key[0]))  # unscaled, decayed first
+    order = sorted(grouped, key=lambda key: (-key[1], not key[0]))  # larger rates, decayed first
     return [
         {
             "params": grouped[key],
@@ -241,6 +241,8 @@ class LRSchedule:
             raise ValueError("decay_every and decay_factor must be positive, warmup_steps >= 0")
         if self.kind not in ("staircase", "cosine"):
             raise ValueError(f"kind must be staircase or cosine, got {self.kind}")
+        if self.kind == "cosine" and self.total_steps < 1:
+            raise ValueError(f"a cosine schedule needs total_steps >= 1, got {self.total_steps}")
 
     def lr_at(self, step: int, epoch_float: float, samples_seen: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based), given the matching progress."""

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from xception.class_report import REPORT_FILES
 from xception.devices import resolve_device
 from xception.distributed import World, barrier, close_world, init_world
 from xception.evaluation import per_class
@@ -32,9 +33,7 @@ RUN_ARTIFACTS = (
     "best.safetensors",
     "run.log",
     "summary.json",
-    "per_class.csv",
-    "confusion.csv",
-    "confusion.png",
+    *REPORT_FILES,
 )
 
 
@@ -93,6 +92,8 @@ def train(
 def resume(path: Path, overrides: dict[str, Any] | None = None, progress: bool = True) -> RunResult:
     """Continue the run at ``path`` (its folder or a checkpoint in it) exactly."""
     overrides = overrides or {}
+    if "init_weights" in overrides:
+        raise ValueError("--init-weights starts a new run and --resume continues one: give one")
     changed = sorted(set(overrides) - set(RESUME_OPTIONS))
     if changed:
         raise ValueError(
