@@ -92,3 +92,13 @@ def test_train_layout_flag_overrides_only_when_given():
     assert "channels_last" not in train_options(parse(["train"]))
     assert train_options(parse(["train", "--no-channels-last"]))["channels_last"] is False
     assert train_options(parse(["train", "--channels-last"]))["channels_last"] is True
+
+
+def test_train_help_names_what_each_flag_takes():
+    from xception.cli import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    usage = " ".join(train.format_usage().split())
+    assert "[--mean X,X,X]" in usage  # a three-value tuple, written as the flag parses it
+    assert "[--epochs N]" in usage
+    assert "[--lr X]" in usage

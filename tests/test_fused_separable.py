@@ -125,6 +125,11 @@ print("ok")
 """
 
 
+# Triton 3.6's interpreter turns a runtime loop bound (the kernel's channel loop) into an int
+# with int(array of shape (1,)), which NumPy 2.4 refuses; the compiled kernel is unaffected.
+INTERPRETER_NUMPY_BUG = "only 0-dimensional arrays can be converted to Python scalars"
+
+
 @pytest.mark.skipif(triton is None, reason="needs triton")
 def test_triton_kernel_matches_the_reference_in_tritons_interpreter():
     # The interpreter runs the kernel's indexing, masks and tiling on the CPU, exactly as
@@ -133,6 +138,11 @@ def test_triton_kernel_matches_the_reference_in_tritons_interpreter():
     result = subprocess.run(
         [sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, env=env
     )
+    if INTERPRETER_NUMPY_BUG in result.stderr:
+        pytest.skip(
+            "this Triton's interpreter cannot take a loop bound under NumPy >= 2.4 "
+            "(triton-lang/triton#9171, fixed by 3.8)"
+        )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"
 

@@ -118,6 +118,8 @@ def _flag_help(field: dataclasses.Field) -> str:
 
 
 def _metavar(hint: Any) -> str | None:
+    if typing.get_origin(hint) is tuple:
+        return ",".join(_metavar(item) or "TEXT" for item in typing.get_args(hint))
     options = typing.get_args(hint) or (hint,)
     for kind, name in ((int, "N"), (float, "X")):
         if kind in options:
