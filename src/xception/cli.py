@@ -19,6 +19,7 @@ from xception import api
 from xception.class_report import LEGIBLE_CLASSES, format_table
 from xception.config import choices
 from xception.devices import AMP_CHOICES, DEVICE_HELP, check_device_name
+from xception.files import NoSpaceError
 from xception.registry import create_model, get_entry, list_models
 from xception.runtime import keep_freed_memory
 from xception.summary import count_macs, format_summary, summarize
@@ -559,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"xception {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except TrainingError as error:
+    except (TrainingError, NoSpaceError) as error:
         print(f"xception {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

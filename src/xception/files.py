@@ -1,15 +1,28 @@
 """Writing files so that a reader never sees half of one: write a temporary file beside the
 target, give it the permissions any new file gets, fsync it, rename it into place. Every
-file this package writes goes through here."""
+file this package writes goes through here. A write that fails leaves no temporary file
+behind, and a full disk says so in one line, whichever writer (safetensors, torch.save,
+Python) hit it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+# Less free space than this after a failed write means the write failed for want of it:
+# torch.save reports a full disk only as "unexpected pos".
+NEARLY_FULL_BYTES = 1 << 20
+
+
+class NoSpaceError(OSError):
+    """The disk filled up during a write; what was there before is intact."""
 
 
 def new_file_mode() -> int:
@@ -35,19 +48,47 @@ def seal(path: str | Path) -> None:
         os.fsync(f.fileno())
 
 
+@contextmanager
+def removed_on_failure(target: Path, *temporary: str | Path) -> Iterator[None]:
+    """Delete the ``temporary`` files if the block fails; a full disk becomes one
+    ``NoSpaceError`` naming the folder and ``target``."""
+    try:
+        yield
+    except BaseException as error:
+        full = _disk_full(error, target.parent)
+        for path in temporary:
+            Path(path).unlink(missing_ok=True)
+        if full:
+            raise NoSpaceError(
+                f"no space left on {target.parent} while writing {target.name}"
+            ) from None
+        raise
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    if not isinstance(error, Exception):
+        return False  # KeyboardInterrupt and the like: a stop, not a write error
+    cause: BaseException | None = error
+    while cause is not None:
+        if getattr(cause, "errno", None) == errno.ENOSPC or "No space left" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
     """``write(tmp_path)`` then seal and rename: readers see the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    try:
+    with removed_on_failure(path, tmp):
         write(tmp)
         seal(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -248,3 +248,39 @@ def test_progress_in_a_log_is_lines_not_carriage_returns(image_folder, tmp_path)
     lines = result.stderr.splitlines()
     assert [line.split(":")[0] for line in lines] == ["epoch 1.00 step 6", "epoch 2.00 step 12"]
     assert "val_top1" in lines[-1]
+
+
+def test_one_process_at_a_time_writes_a_run_folder(image_folder, tmp_path):
+    from xception.training.run import holding
+
+    run = tmp_path / "run"
+    train(config(image_folder, max_steps=1), out=run, progress=False)
+    in_use = rf"^{run} is in use by process {os.getpid()}, which is training or resuming it"
+    with holding(run):  # another writer (flock: another open file, even in this process)
+        with pytest.raises(FileExistsError, match=in_use):
+            train(config(image_folder, max_steps=1), out=run, overwrite=True, progress=False)
+        with pytest.raises(FileExistsError, match=in_use):
+            resume(run, {"max_steps": 2}, progress=False)
+    (run / ".lock").write_text("999999999\n")  # left by a killed run: the kernel freed its lock
+    assert resume(run, {"max_steps": 2}, progress=False).metrics["step"] == 2
+    assert not (run / ".lock").exists()
+
+
+def test_train_and_resume_agree_on_a_run_stopped_before_its_first_checkpoint(
+    image_folder, tmp_path
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: xception_tiny\n")  # killed before its first save
+    (run / "run.log").write_text("")
+    message = rf"^{run} holds a run that stopped before its first checkpoint, so nothing in it"
+    with pytest.raises(FileExistsError, match=message):
+        train(config(image_folder, max_steps=1), out=run, progress=False)
+    with pytest.raises(FileNotFoundError, match=message):
+        resume(run, progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "run.log"]
+    assert train(config(image_folder, max_steps=1), out=run, overwrite=True, progress=False)
+    missing = tmp_path / "new" / "deeper" / "run"
+    with pytest.raises(ValueError):
+        train(config(image_folder, max_steps=1, batch_size=1000), out=missing, progress=False)
+    assert not (tmp_path / "new").exists()  # a failed start leaves no folder it made

@@ -2,10 +2,12 @@
 with ``torch.load(weights_only=True)``; neither can run code when read.
 
 A checkpoint is a pair (``NAME.safetensors``, ``NAME.state.pt``) stamped with the same
-step. Both are written to temporary files and fsynced before either is renamed into
-place; if a run dies between the two renames, the next load finishes the second one
-(the temporary state file is complete by then). So a run killed at any moment leaves the
-last complete checkpoint loadable.
+step. Both are written to pending files and fsynced before either is renamed into place.
+A load settles whatever a stopped save left: a complete pending state that matches the
+weights finishes a save that died between its two renames; any other pending file (cut
+short by a kill or a full disk, or from an older step) is deleted, and the load says so.
+So a run killed at any moment leaves the last complete checkpoint loadable, and nothing
+a save left half-done can block a resume.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xception.files import seal
+from xception.files import removed_on_failure, seal
 from xception.weights import read_metadata
 
 STATE_SUFFIX = ".state.pt"
@@ -68,13 +70,15 @@ def state_path(weights_path: Path) -> Path:
 
 def save_checkpoint(weights_path: Path, write_weights: Any, state: dict[str, Any]) -> None:
     """``write_weights(tmp_path)`` writes the safetensors file (its metadata must carry
-    ``step``); ``state`` (with ``position``) goes to the companion state file."""
+    ``step``); ``state`` (with ``position``) goes to the companion state file. A failed
+    write removes its pending files (a full disk: ``NoSpaceError``)."""
     pending = _pending(weights_path)
-    write_weights(str(pending))
-    seal(pending)
     state_tmp = _pending(state_path(weights_path))
-    torch.save(state, state_tmp)
-    seal(state_tmp)
+    with removed_on_failure(weights_path, pending, state_tmp):
+        write_weights(str(pending))
+        seal(pending)
+        torch.save(state, state_tmp)
+        seal(state_tmp)
     os.replace(pending, weights_path)
     os.replace(state_tmp, state_path(weights_path))
 
@@ -83,15 +87,32 @@ def _pending(path: Path) -> Path:
     return path.with_name(f".{path.name}.pending")
 
 
-def load_state(weights_path: Path) -> dict[str, Any]:
-    """The state of the checkpoint whose weights are at ``weights_path``, checked to match."""
+def load_state(weights_path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The state of the checkpoint whose weights are at ``weights_path``, checked to match,
+    and a line for each pending file that a stopped save left and this load settled."""
     if not weights_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {weights_path}")
     step = read_metadata(weights_path).get("step")
     path = state_path(weights_path)
+    notes: list[str] = []
+
+    def discard(pending: Path) -> None:
+        pending.unlink()
+        notes.append(f"deleted {pending.name}, left by a save that was cut short")
+
+    if _pending(weights_path).exists():  # its save died before its first rename
+        discard(_pending(weights_path))
     pending = _pending(path)
-    if pending.is_file() and _read_state(pending)["position"]["step"] == step:
-        os.replace(pending, path)  # finish a save that died between its two renames
+    if pending.exists():
+        try:
+            complete = _read_state(pending)["position"]["step"] == step
+        except (ValueError, KeyError, TypeError):
+            complete = False
+        if complete:
+            os.replace(pending, path)
+            notes.append(f"finished the step-{step} checkpoint that a stop cut between renames")
+        else:
+            discard(pending)
     if not path.is_file():
         raise FileNotFoundError(f"training state not found next to the checkpoint: {path}")
     state = _read_state(path)
@@ -100,7 +121,7 @@ def load_state(weights_path: Path) -> dict[str, Any]:
             f"{path} (step {state['position']['step']}) does not belong to "
             f"{weights_path} (step {step})"
         )
-    return state
+    return state, notes
 
 
 def _read_state(path: Path) -> dict[str, Any]:

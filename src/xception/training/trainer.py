@@ -32,7 +32,7 @@ from xception.data.loaders import (
     make_loader,
 )
 from xception.devices import accumulator_dtype, autocast, model_input, resolve_device
-from xception.distributed import World, convert_sync_batchnorm
+from xception.distributed import World, all_reduce_sum, convert_sync_batchnorm
 from xception.evaluation import class_frequency_weights, evaluate, per_class, primary_metric
 from xception.files import atomic_write
 from xception.runtime import compile_for_training
@@ -105,6 +105,7 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         model, self.init_note = build_model(config, self.classes, checkpoint)
+        self.resume_notes: list[str] = []
         self.model = model.to(self.device)
         freeze(self.model, backbone=config.freeze_backbone, batch_norm=config.freeze_bn)
         if world.distributed and config.sync_bn:
@@ -170,10 +171,11 @@ class Trainer:
     def save(self, metrics: dict[str, float] | None = None, best: bool = False) -> None:
         """Save ``last`` (and first ``best``, so a crash in between cannot leave a stale
         best file behind a state that already records the new best)."""
-        if self.run_dir is None:
-            return
         averaged = self.ema.averaged if self.ema is not None else self.model
         raw = self.model if self.ema is not None else None
+        self._check_weights_finite(averaged, raw)
+        if self.run_dir is None:
+            return
         meta = {**self.metadata(), "metrics": metrics or {}}
 
         def write(tmp: str) -> None:
@@ -192,9 +194,29 @@ class Trainer:
         }
         ckpt.save_checkpoint(self.run_dir / "last.safetensors", write, state)
 
+    def _check_weights_finite(self, *models: nn.Module | None) -> None:
+        """A loss computed before an update can be finite while the update made the weights
+        (or BatchNorm statistics) infinite: such weights must never become a checkpoint.
+        Under DDP every rank decides together (per-rank BatchNorm statistics can differ)."""
+        bad = [
+            name
+            for model in models
+            if model is not None
+            for name, tensor in (*model.named_parameters(), *model.named_buffers())
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        ]
+        count = torch.tensor(float(len(bad)), device=self.device)
+        if all_reduce_sum(count, self.world).item():
+            where = f"{len(bad)} tensors, first {bad[0]}" if bad else "on another rank"
+            raise TrainingError(
+                f"the weights became non-finite at step {self.position.step} ({where}); "
+                "stopped without saving (the last checkpoint is intact). "
+                "Try a lower learning rate or --amp none"
+            )
+
     def restore(self, weights_path: Path) -> None:
         """Continue from a checkpoint of this run: weights, optimiser, RNG, position."""
-        state = ckpt.load_state(weights_path)
+        state, self.resume_notes = ckpt.load_state(weights_path)
         load_weights(self.model, weights_path, raw=self.ema is not None)
         if self.ema is not None:
             load_weights(self.ema.averaged, weights_path)
@@ -227,6 +249,9 @@ class Trainer:
         if self.init_note is not None:
             logs.info("init weights: %s", self.init_note)
             bar.line(f"init weights: {self.init_note}")
+        for note in self.resume_notes:
+            logs.info("resume: %s", note)
+            bar.line(f"resume: {note}")
         metrics = logs.rows[-1] if logs.rows else {}
         images, seconds = 0, 0.0
         try:
@@ -250,6 +275,9 @@ class Trainer:
                 write_class_report(self.run_dir, self.confusion, self.classes)
                 table = format_table(per_class(self.confusion, self.classes))
                 logs.info("per class, averaged weights, last evaluation:\n%s", table)
+        except TrainingError as error:  # not a full disk: run.log could not take the line
+            logs.info("stopped: %s", error)
+            raise
         finally:
             bar.close()
             logs.close()
