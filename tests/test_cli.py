@@ -46,6 +46,12 @@ def test_summary_applies_overrides_and_image_size(capsys):
         (["summary", "xception", "--override", "width_multiplier=inf"], "must be finite"),
         (["train", "--set", "model_overrides={a: [1"], "is not a mapping of option"),
         (["train", "--set", "model_overrides={}", "--override", "residual=0"], "not both"),
+        (["train", "--set", "lr=nan"], "lr=nan must be finite"),
+        (["summary", "xception_tiny", "--image-size", "-5"], "-5 is less than 1"),
+        (["bench", "xception_tiny", "--batch-size", "0"], "0 is less than 1"),
+        (["predict", "--weights", "w.safetensors", "--top-k", "two", "x.png"], "'two' is not"),
+        (["train", "--resume", "README.md"], "README.md is neither"),
+        (["export", "--weights", "w", "--out", "tests", "--overwrite"], "tests is a folder"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_status_2(capsys, argv, message):

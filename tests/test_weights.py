@@ -1,5 +1,7 @@
 """Weight files: safetensors with JSON metadata, strict loads that name what is wrong."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,3 +55,28 @@ def test_missing_or_corrupt_weight_files_fail_cleanly(tmp_path):
     truncated.write_bytes(good.read_bytes()[:-1000])
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         xception.create_model("xception_tiny", weights=truncated)
+
+
+class _Payload:
+    """Pickles as a call to ``Path.touch``: loading it unsafely would create the marker."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_that_would_run_code_is_refused_in_one_line_without_unsafe_advice(
+    tmp_path, capsys
+):
+    from xception.cli import main
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"weight": _Payload(marker)}, evil)
+    assert main(["convert", str(evil), "--model", "xception", "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert "holds Python objects that cannot be loaded safely" in err
+    assert err.count("\n") == 1 and "weights_only" not in err
+    assert not marker.exists()

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from xception.files import refuse_folder
 from xception.gradcam import gradcam
 from xception.inference import CamRequest, ImageInput, Predictor, preprocessing
 from xception.inference import evaluate_weights as evaluate
@@ -148,6 +149,7 @@ def convert(
 
 def _new_file(out: str | Path, overwrite: bool) -> Path:
     out = Path(out)
+    refuse_folder(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     return out

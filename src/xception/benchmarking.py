@@ -45,6 +45,13 @@ class BenchConfig:
     iterations: int = 3  # per contender per round
     memory: bool = False  # on a CPU: peak memory of each contender, in a fresh process
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "image_size", "rounds", "iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BenchConfig.{name}={getattr(self, name)} must be at least 1")
+        if self.warmup < 0:
+            raise ValueError(f"BenchConfig.warmup={self.warmup} must not be negative")
+
 
 @dataclass
 class Result:

@@ -68,6 +68,21 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
+
+
 def parse_override(text: str) -> tuple[str, str]:
     """``key=value``; the config the key belongs to reads the value as its field's type
     (``8``, ``False``, ``None``, ``4096,4096``, ``relu``)."""
@@ -386,8 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     summary = commands.add_parser("summary", help="layer table, parameters, multiply-adds")
     summary.add_argument("model", metavar="MODEL", help=f"one of: {', '.join(list_models())}")
-    summary.add_argument("--image-size", type=int, help="input side (default: the model's)")
-    summary.add_argument("--depth", type=int, default=2, help="module nesting shown (default 2)")
+    summary.add_argument("--image-size", type=at_least(1), help="input side (default: the model's)")
+    summary.add_argument(
+        "--depth", type=at_least(0), default=2, help="module nesting shown (default 2)"
+    )
     key_values(summary, "--override", "config fields, e.g. residual=False spatial_groups=8")
     summary.set_defaults(run=cmd_summary)
 
@@ -428,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", required=True)
     evaluate.add_argument("--data", help="data folder (default: the built-in data set)")
     evaluate.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
-    evaluate.add_argument("--batch-size", type=int, default=128)
-    evaluate.add_argument("--workers", type=int, default=2, help="data loading processes")
+    evaluate.add_argument("--batch-size", type=at_least(1), default=128)
+    evaluate.add_argument("--workers", type=at_least(0), default=2, help="data loading processes")
     add_hardware(evaluate)
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics here")
     evaluate.add_argument(
@@ -443,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="top-k classes of images")
     predict.add_argument("images", nargs="+", metavar="IMAGE|DIR")
     predict.add_argument("--weights", required=True, help="weights file or ONNX export")
-    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--top-k", type=at_least(1), default=5)
     predict.add_argument("--format", choices=("table", "json", "csv"), default="table")
     predict.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
     predict.add_argument(
@@ -511,12 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="added after the contenders, e.g. timm:legacy_xception",
     )
     bench.add_argument("--baseline", help="contender the ratios refer to (default: first)")
-    bench.add_argument("--batch-size", type=int, default=8)
-    bench.add_argument("--image-size", type=int, default=299)
+    bench.add_argument("--batch-size", type=at_least(1), default=8)
+    bench.add_argument("--image-size", type=at_least(1), default=299)
     add_hardware(bench)
     bench.add_argument("--compile", action="store_true", help="torch.compile ours and timm:")
-    bench.add_argument("--threads", type=int, help="torch CPU threads")
-    bench.add_argument("--rounds", type=int, default=7)
+    bench.add_argument("--threads", type=at_least(1), help="torch CPU threads")
+    bench.add_argument("--rounds", type=at_least(1), default=7)
     bench.add_argument(
         "--memory",
         action="store_true",
@@ -535,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("experiment", nargs="?", metavar="EXPERIMENT", help="see --list")
     reproduce.add_argument("--list", action="store_true", help="name the experiments and scales")
     reproduce.add_argument("--scale", default="tiny", help="tiny (default), small or full")
-    reproduce.add_argument("--seeds", type=int, default=1, help="runs of each arm (default 1)")
+    reproduce.add_argument(
+        "--seeds", type=at_least(1), default=1, help="runs of each arm (default 1)"
+    )
     reproduce.add_argument("--data", help="image folder (default: the built-in data set)")
     reproduce.add_argument("--out", help="folder (default: reproductions/EXPERIMENT-SCALE)")
     reproduce.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)

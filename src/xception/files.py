@@ -79,9 +79,16 @@ def _disk_full(error: BaseException, folder: Path) -> bool:
         return False
 
 
+def refuse_folder(path: Path) -> None:
+    """A file is to be written at ``path``: say so in one line if a folder is there."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give the path of a file to write")
+
+
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
     """``write(tmp_path)`` then seal and rename: readers see the old file or the new one."""
     path = Path(path)
+    refuse_folder(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

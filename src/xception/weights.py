@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,22 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+
+
+def load_torch_file(path: Path, what: str) -> Any:
+    """``torch.load`` that never runs pickled code, with a one-line error. A file that
+    needs more than tensors and plain containers is refused as unsafe, never with advice
+    to load it unsafely (which torch's own message gives)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path} holds Python objects that cannot be loaded safely (loading them could "
+            f"run code); it is not a usable {what}"
+        ) from None
+    except Exception as error:  # corrupt archives, truncated files
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{path} is not a readable {what} ({first})") from None
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -95,7 +95,7 @@ def test_partial_wrong_and_unsafe_files_fail_cleanly(reference, tmp_path):
         convert_timm(inception, "xception", tmp_path / "out.safetensors")
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"weights": object()}, unsafe)
-    with pytest.raises(ValueError, match="not a readable PyTorch state dict"):
+    with pytest.raises(ValueError, match="holds Python objects that cannot be loaded safely"):
         convert_timm(unsafe, "xception", tmp_path / "out.safetensors")
     with pytest.raises(FileNotFoundError):
         convert_timm(tmp_path / "missing.pth", "xception", tmp_path / "out.safetensors")

@@ -13,7 +13,7 @@ from torch import nn
 
 from xception.interop import save_converted
 from xception.registry import create_model
-from xception.weights import check_state_dict, load_state_dict
+from xception.weights import check_state_dict, load_state_dict, load_torch_file
 
 # timm's legacy_xception (Cadene's port): numbered blocks shifted by one, a flat
 # ``rep`` Sequential of [ReLU], SeparableConv, BN triples, and stem/exit layers at the top.
@@ -77,10 +77,7 @@ def read_torch_state(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         return load_state_dict(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling refusals and corrupt archives alike
-        raise ValueError(f"{path} is not a readable PyTorch state dict ({error})") from None
+    state = load_torch_file(path, "PyTorch state dict")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from xception.files import removed_on_failure, seal
-from xception.weights import read_metadata
+from xception.weights import load_torch_file, read_metadata
 
 STATE_SUFFIX = ".state.pt"
 
@@ -125,7 +125,7 @@ def load_state(weights_path: Path) -> tuple[dict[str, Any], list[str]]:
 
 
 def _read_state(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure means an unusable file
-        raise ValueError(f"{path} is not a readable training state ({error})") from None
+    state = load_torch_file(path, "training state")
+    if not isinstance(state, dict) or not isinstance(state.get("position"), dict):
+        raise ValueError(f"{path} is not a readable training state (no position)")
+    return state

@@ -166,6 +166,8 @@ def resume(path: Path, overrides: dict[str, Any] | None = None, progress: bool =
             f"--resume continues a run as it was configured; {changed[0]!r} "
             f"cannot change (only {', '.join(RESUME_OPTIONS)} can)"
         )
+    if path.is_file() and path.suffix != ".safetensors":
+        raise ValueError(f"--resume takes a run folder or its last.safetensors; {path} is neither")
     weights = path / "last.safetensors" if path.is_dir() else path
     if not weights.parent.is_dir():
         raise FileNotFoundError(f"nothing to resume: {weights.parent} does not exist")
