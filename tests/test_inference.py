@@ -279,3 +279,25 @@ def test_eval_reports_per_class_results_and_writes_the_confusion_matrix(trained,
     assert {p.name for p in report.iterdir()} == {"per_class.csv", "confusion.csv", "confusion.png"}
     counts = [row.split(",")[1:] for row in (report / "confusion.csv").read_text().splitlines()[1:]]
     assert sum(int(c) for row in counts for c in row) == 18
+
+
+def test_predict_names_what_it_cannot_read_and_never_blocks_on_a_fifo(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _, weights = trained
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    os.mkfifo(folder / "fifo.png")
+    (folder / "folder.jpg").mkdir()
+    (folder / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # a signature and nothing more
+    result = subprocess.run(
+        [sys.executable, "-m", "xception", "predict", "--weights", str(weights), str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Traceback" not in result.stderr
+    for name in ("fifo.png", "folder.jpg", "bomb.png"):
+        assert f"{folder / name}" in result.stdout + result.stderr, name

@@ -89,7 +89,11 @@ def test_a_path_label_header_is_a_single_label_manifest(tmp_path):
 @pytest.mark.parametrize(
     ("train", "val", "message"),
     [
-        ("path,label\nimg/0.png,cat\n", "path,label\nimg/9.png,cat\n", "val.csv:2: no such image"),
+        (
+            "path,label\nimg/0.png,cat\n",
+            "path,label\nimg/9.png,cat\n",
+            "val.csv lists 1 missing image.*line 2: img/9.png",
+        ),
         ("path,label\nimg/0.png,cat\n", "path,labels\nimg/0.png,cat\n", "the same header"),
         ("path,label\nimg/0.png,cat\n", "path,label\nimg/0.png,moon\n", "label 'moon'"),
         ("file,label\nimg/0.png,cat\n", "path,label\nimg/0.png,cat\n", "header 'path,label'"),
@@ -138,3 +142,100 @@ def test_truncated_and_garbage_files_raise(tmp_path):
     for path in (truncated, garbage):
         with pytest.raises((OSError, ValueError, SyntaxError)):
             read_rgb(path)
+
+
+def test_a_manifest_saved_by_excel_reads_like_any_other(tmp_path):
+    write_image(tmp_path / "img" / "0.png")
+    for split in ("train", "val"):  # "CSV UTF-8": a byte-order mark and CRLF line ends
+        (tmp_path / f"{split}.csv").write_bytes(
+            "path,label\r\nimg/0.png,cat\r\n".encode("utf-8-sig")
+        )
+    splits = discover(tmp_path)
+    assert splits["train"].paths == ("img/0.png",) and splits["train"].classes == ("cat",)
+
+
+def test_missing_images_are_counted_and_the_first_named_before_training(tmp_path):
+    write_image(tmp_path / "img" / "0.png")
+    rows = "".join(f"img/{i}.png,cat\n" for i in range(6))
+    (tmp_path / "train.csv").write_text("path,label\n" + rows)
+    (tmp_path / "val.csv").write_text("path,label\nimg/0.png,cat\n")
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"train.csv lists 5 missing image\(s\), e\.g\. "
+        r"line 3: img/1.png; line 4: img/2.png; line 5: img/3.png$",
+    ):
+        discover(tmp_path)
+
+
+def test_paths_outside_the_root_and_repeated_rows_are_used_and_noted(tmp_path):
+    root = tmp_path / "data"
+    write_image(root / "img" / "0.png")
+    write_image(tmp_path / "elsewhere" / "1.png")
+    absolute = tmp_path / "elsewhere" / "1.png"
+    (root / "train.csv").write_text(
+        f"path,label\nimg/0.png,cat\nimg/0.png,cat\n../elsewhere/1.png,dog\n{absolute},dog\n"
+    )
+    (root / "val.csv").write_text("path,label\nimg/0.png,cat\n")
+    train = discover(root)["train"]
+    assert len(train) == 4 and (root / train.paths[3]).is_file()
+    assert train.notes == (
+        f"train.csv: 2 path(s) outside {root}, e.g. ../elsewhere/1.png",
+        "train.csv: 1 path(s) listed more than once (each use counts), e.g. img/0.png",
+    )
+    assert discover(root)["val"].notes == ()
+
+
+def test_only_regular_files_are_opened_and_the_rest_named(tmp_path):
+    import os
+
+    folder = tmp_path / "train" / "cat"
+    write_image(folder / "0.png")
+    (folder / "dir.jpg").mkdir()
+    (folder / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(folder / "fifo.png")  # opening it would block forever
+    make_folder(tmp_path, classes=("cat",), per_class=1)
+    paths = discover(tmp_path)["train"].paths
+    assert paths == tuple(
+        f"train/cat/{n}" for n in ("0.png", "dangling.png", "dir.jpg", "fifo.png")
+    )
+    for name in paths[1:]:
+        with pytest.raises(ValueError, match="not a regular file"):
+            read_rgb(tmp_path / name)
+
+
+def _png_declaring(width, height):
+    """A PNG whose header declares width x height (its pixel data is one pixel's)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_decompression_bomb_is_an_unreadable_image_not_a_crash(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_declaring(30000, 30000))
+    with pytest.raises(ValueError, match="could be decompression bomb"):
+        read_rgb(bomb)
+
+
+def test_the_exif_orientation_turns_phone_photos_upright(tmp_path):
+    image = Image.new("RGB", (80, 40), (200, 0, 0))
+    image.paste((0, 0, 200), (0, 0, 10, 40))  # blue at the stored image's left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    image.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = read_rgb(tmp_path / "phone.jpg")
+    assert upright.size == (40, 80)
+    top = np.asarray(upright)[:5].reshape(-1, 3).mean(axis=0)  # the left edge is now on top
+    assert top[2] > 150 and top[0] < 60

@@ -284,3 +284,17 @@ def test_train_and_resume_agree_on_a_run_stopped_before_its_first_checkpoint(
     with pytest.raises(ValueError):
         train(config(image_folder, max_steps=1, batch_size=1000), out=missing, progress=False)
     assert not (tmp_path / "new").exists()  # a failed start leaves no folder it made
+
+
+def test_unreadable_files_of_either_split_are_named_in_the_run_log(tmp_path):
+    from conftest import write_folder
+
+    data = write_folder(tmp_path / "data", per_class=(4, 2))
+    (data / "train" / "red" / "broken.png").write_bytes(b"not a png")
+    os.mkfifo(data / "val" / "blue" / "fifo.png")  # never opened: it would block
+    result = train(config(data, epochs=1, batch_size=4), out=tmp_path / "run", progress=False)
+    log = (result.run_dir / "run.log").read_text()
+    assert f"skipped unreadable file {data}/train/red/broken.png: " in log
+    assert f"skipped unreadable file {data}/val/blue/fifo.png: ValueError: not a regular" in log
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert len(summary["skipped_files"]) == 2

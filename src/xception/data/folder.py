@@ -3,23 +3,28 @@
 Layouts:
 
 - single-label (torchvision ImageFolder): ``ROOT/train/<class>/*``, ``ROOT/val/<class>/*``;
-- CSV manifests ``ROOT/train.csv`` and ``ROOT/val.csv``, paths relative to ROOT. The
-  header decides the task: ``path,label`` is single-label (one class a row);
-  ``path,labels`` is multi-label (the paper's JFT setting), labels separated by ``;``.
+- CSV manifests ``ROOT/train.csv`` and ``ROOT/val.csv`` (UTF-8, with or without the BOM
+  that Excel writes). The header decides the task: ``path,label`` is single-label (one
+  class a row); ``path,labels`` is multi-label (the paper's JFT setting), labels separated
+  by ``;``. Relative paths resolve against ROOT; absolute paths and paths that leave ROOT
+  are allowed and counted in the run's log; a path listed twice is used twice and named.
 
-Layout problems fail before training; a corrupt image fails only itself (it is skipped,
-counted and logged by the loader), so one bad file never kills a long run.
+Layout problems (a missing file among them) fail before training; an unreadable image
+fails only itself: it is skipped and named in the run's log, so one bad file never kills
+a long run. Only regular files are read: a folder named ``x.jpg``, a FIFO or a broken link
+is skipped and named like a corrupt image, never opened (a FIFO would block forever).
 """
 
 from __future__ import annotations
 
 import csv
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageFile
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -36,6 +41,7 @@ class Split:
     labels: tuple[tuple[int, ...], ...]
     classes: tuple[str, ...]
     multi_label: bool
+    notes: tuple[str, ...] = ()  # what the run's log should say about the listing
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -49,9 +55,8 @@ class Split:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-    )
+    """Every entry named as an image, regular file or not: reading names the others."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def _folder_split(root: Path, split: str) -> tuple[list[str], list[str], list[int]]:
@@ -74,34 +79,55 @@ def _folder_split(root: Path, split: str) -> tuple[list[str], list[str], list[in
     return classes, paths, labels
 
 
-def _manifest_split(root: Path, split: str) -> tuple[list[str], list[list[str]], bool]:
-    """Paths, label names a row and whether the manifest is multi-label (its header)."""
+def _manifest_split(root: Path, split: str) -> tuple[list[str], list[list[str]], bool, list[str]]:
+    """Paths, label names a row, whether the manifest is multi-label (its header), and notes
+    on the paths for the run's log."""
     manifest = root / f"{split}.csv"
     if not manifest.is_file():
         raise FileNotFoundError(f"{root} has no {split}.csv manifest")
-    paths, names = [], []
-    with manifest.open(newline="") as f:
+    paths, names, missing = [], [], []
+    with manifest.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        columns = set(reader.fieldnames or ())
+        columns = {name.strip() for name in reader.fieldnames or ()}
         if "path" not in columns or len(columns & {"label", "labels"}) != 1:
             raise ValueError(
                 f"{manifest} must have a header 'path,label' (single-label) or "
                 "'path,labels' (multi-label, labels separated by ';')"
             )
         multi_label = "labels" in columns
-        for line, row in enumerate(reader, 2):
+        for line, raw in enumerate(reader, 2):
+            row = {(key or "").strip(): value for key, value in raw.items()}
             text = row["labels" if multi_label else "label"] or ""
             labels = [label.strip() for label in (text.split(";") if multi_label else [text])]
             labels = [label for label in labels if label]
             if not row["path"] or not labels:
                 raise ValueError(f"{manifest}:{line}: needs a path and a label")
-            if not (root / row["path"]).is_file():
-                raise FileNotFoundError(f"{manifest}:{line}: no such image: {row['path']}")
+            if not (root / row["path"]).exists():
+                missing.append(f"{line}: {row['path']}")
             paths.append(row["path"])
             names.append(labels)
+    if missing:
+        raise FileNotFoundError(
+            f"{manifest} lists {len(missing)} missing image(s), e.g. line "
+            + "; line ".join(missing[:3])
+        )
     if not paths:
         raise ValueError(f"{manifest} lists no images")
-    return paths, names, multi_label
+    return paths, names, multi_label, _path_notes(manifest, root, paths)
+
+
+def _path_notes(manifest: Path, root: Path, paths: list[str]) -> list[str]:
+    notes = []
+    outside = [p for p in paths if not (root / p).resolve().is_relative_to(root.resolve())]
+    if outside:
+        notes.append(f"{manifest.name}: {len(outside)} path(s) outside {root}, e.g. {outside[0]}")
+    repeated = [path for path, count in Counter(paths).items() if count > 1]
+    if repeated:
+        notes.append(
+            f"{manifest.name}: {len(repeated)} path(s) listed more than once (each use "
+            f"counts), e.g. {repeated[0]}"
+        )
+    return notes
 
 
 def discover(root: str | Path) -> dict[str, Split]:
@@ -146,8 +172,9 @@ def _discover_manifest(root: Path) -> dict[str, Split]:
             tuple(tuple(sorted({index[n] for n in names})) for names in labels),
             tuple(classes),
             multi_label,
+            tuple(notes),
         )
-        for split, (paths, labels, multi_label) in found.items()
+        for split, (paths, labels, multi_label, notes) in found.items()
     }
 
 
@@ -156,19 +183,27 @@ def read_rgb(path: Path) -> Image.Image:
 
     Raises ``OSError``/``ValueError`` for unreadable files.
     """
+    if not path.is_file():  # a FIFO would block open() forever
+        raise ValueError("not a regular file (a folder, FIFO, socket or broken link)")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's palette-transparency warnings are not ours
-        with Image.open(path) as image:
-            image.load()
-            return to_rgb(image)
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+        except Image.DecompressionBombError as error:
+            raise ValueError(str(error)) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode as RGB. Transparent images are composited on white rather than losing
-    alpha to black; 16-bit and float greyscale are scaled to 8 bits."""
+    """Any mode as RGB, upright. The EXIF orientation is applied (phone photos are stored
+    sideways with a tag saying so); transparent images are composited on white rather than
+    losing alpha to black; 16-bit and float greyscale are scaled to 8 bits."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            image = ImageOps.exif_transpose(image)  # a copy: only where there is a turn
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
         if image.mode in ("RGBA", "LA"):

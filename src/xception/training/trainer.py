@@ -252,6 +252,10 @@ class Trainer:
         for note in self.resume_notes:
             logs.info("resume: %s", note)
             bar.line(f"resume: {note}")
+        for split in self.splits.values():
+            for note in split.notes:
+                logs.info("data: %s", note)
+                bar.line(f"data: {note}")
         metrics = logs.rows[-1] if logs.rows else {}
         images, seconds = 0, 0.0
         try:
@@ -268,7 +272,7 @@ class Trainer:
                         "step": self.position.step,
                         "lr": self._lr(),
                         **trained.metrics,
-                        **self._evaluate(),
+                        **self._evaluate(logs),
                     }
                     self._end_of_epoch(metrics, logs, bar)
             if self.run_dir is not None and self.confusion is not None:
@@ -427,7 +431,7 @@ class Trainer:
                 self.skipped.add(entry)
                 logs.info("skipped unreadable file %s", entry)
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, logs: RunLogs) -> dict[str, float]:
         models = {"val": self.ema.averaged if self.ema is not None else self.model}
         if self.ema is not None:
             models["val_raw"] = self.model
@@ -445,7 +449,7 @@ class Trainer:
                 self.config.amp,
                 len(self.classes),
             )
-            self.skipped.update(result.skipped)
+            self._note_skipped(result.skipped, logs)  # named in run.log, as training's are
             metrics.update({f"{prefix}_{key}": value for key, value in result.metrics.items()})
             if prefix == "val":
                 self.confusion = result.confusion
