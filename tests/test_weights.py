@@ -80,3 +80,69 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_line_without_unsafe_advi
     assert "holds Python objects that cannot be loaded safely" in err
     assert err.count("\n") == 1 and "weights_only" not in err
     assert not marker.exists()
+
+
+def _malformed(good, tmp_path):
+    """Files like ``good`` with one thing wrong each: (name, metadata changes, tensor change)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(good, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(good)
+    config = json.loads(meta["config"])
+    conv = next(k for k, v in tensors.items() if v.dim() == 4)
+    cases = {
+        "config_list": ({"config": "[1, 2]"}, None),
+        "config_string": ({"config": '"big"'}, None),
+        "config_unknown_option": ({"config": json.dumps({**config, "groups": 4})}, None),
+        "model_unknown": ({"model": '"resnet"'}, None),
+        "classes_int": ({"classes": "5"}, None),
+        "classes_short": ({"classes": '["a", "b"]'}, None),
+        "classes_not_strings": ({"classes": "[1, 2, 3]"}, None),
+        "preprocessing_big": ({"preprocessing": '{"image_size": "big"}'}, None),
+        "huge_head": ({"config": json.dumps({**config, "num_classes": 10**12})}, None),
+        "int64_conv": ({}, lambda t: {**t, conv: t[conv].to(torch.int64)}),
+        "bool_conv": ({}, lambda t: {**t, conv: t[conv] > 0}),
+        "nan_weights": ({}, lambda t: {**t, conv: torch.full_like(t[conv], float("nan"))}),
+        "inf_statistics": (
+            {},
+            lambda t: {k: v.fill_(float("inf")) if "running_var" in k else v for k, v in t.items()},
+        ),
+        "missing_tensor": ({}, lambda t: {k: v for k, v in t.items() if k != conv}),
+        "wrong_shape": ({}, lambda t: {**t, conv: t[conv][:1]}),
+    }
+    for name, (changes, change) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(change(dict(tensors)) if change else tensors, path, metadata={**meta, **changes})
+        yield name, path
+    (tmp_path / "truncated.safetensors").write_bytes(good.read_bytes()[:1000])
+    yield "truncated", tmp_path / "truncated.safetensors"
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    yield "empty", tmp_path / "empty.safetensors"
+
+
+def test_malformed_weight_files_end_in_one_line_and_a_nonzero_exit(tmp_path, capsys):
+    from PIL import Image
+
+    from xception.cli import main
+
+    model = xception.create_model("xception_tiny", num_classes=3).eval()
+    good = tmp_path / "good.safetensors"
+    pre = {"image_size": 72, "crop_pct": 1.0, "mean": [0.5] * 3, "std": [0.5] * 3}
+    save_weights(model, good, "xception_tiny", {"classes": ["a", "b", "c"], "preprocessing": pre})
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (40, 40), (200, 20, 20)).save(image)
+    assert main(["predict", "--weights", str(good), str(image)]) == 0
+    capsys.readouterr()
+    tried = 0
+    for name, path in _malformed(good, tmp_path):
+        assert main(["predict", "--weights", str(path), str(image)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
+        assert str(path) in err, (name, err)
+        tried += 1
+    assert tried == 17
+    nan = tmp_path / "nan_weights.safetensors"
+    assert main(["predict", "--weights", str(nan), str(image), "--allow-nonfinite"]) == 0

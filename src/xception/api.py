@@ -85,6 +85,7 @@ def predict(
     cam: str | Path | None = None,
     cam_class: str | None = None,
     cam_layer: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> list[dict[str, Any]]:
     """``xception predict``: the top-k classes of each image, as rows
     ``{"path", "predictions": [{"class", "probability"}, ...]}`` (or ``"error"`` for an
@@ -98,7 +99,7 @@ def predict(
     elif isinstance(images, torch.Tensor):
         images = list(images) if images.ndim == 4 else [images]
     request = CamRequest(Path(cam), cam_class, cam_layer) if cam is not None else None
-    predictor = Predictor.load(weights, raw, device, amp, channels_last)
+    predictor = Predictor.load(weights, raw, device, amp, channels_last, allow_nonfinite)
     return predictor.predict(images, top_k, cam=request)
 
 

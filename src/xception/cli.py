@@ -259,6 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         json_path=args.json,
         report_dir=args.report,
         overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
     )
     rows = metrics.pop("per_class", None)
     for key, value in metrics.items():
@@ -275,7 +276,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     keep_freed_memory()
     predictor = api.Predictor.load(
-        args.weights, args.raw, args.device, args.amp, args.channels_last
+        args.weights, args.raw, args.device, args.amp, args.channels_last, args.allow_nonfinite
     )
     cam = CamRequest(Path(args.cam), args.cam_class, args.cam_layer) if args.cam else None
     if cam is None and (args.cam_class or args.cam_layer):
@@ -445,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", required=True)
     evaluate.add_argument("--data", help="data folder (default: the built-in data set)")
     evaluate.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
+    evaluate.add_argument(
+        "--allow-nonfinite", action="store_true", help="load NaN/inf weights (for debugging)"
+    )
     evaluate.add_argument("--batch-size", type=at_least(1), default=128)
     evaluate.add_argument("--workers", type=at_least(0), default=2, help="data loading processes")
     add_hardware(evaluate)
@@ -463,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=at_least(1), default=5)
     predict.add_argument("--format", choices=("table", "json", "csv"), default="table")
     predict.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
+    predict.add_argument(
+        "--allow-nonfinite", action="store_true", help="load NaN/inf weights (for debugging)"
+    )
     predict.add_argument(
         "--cam", metavar="DIR", help="write a Grad-CAM overlay PNG of each image here"
     )

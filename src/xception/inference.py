@@ -99,6 +99,7 @@ class Predictor:
     amp: str = "none"
     channels_last: bool = True
     raw: bool = False
+    allow_nonfinite: bool = False
 
     @classmethod
     def load(
@@ -108,6 +109,7 @@ class Predictor:
         device: str = "auto",
         amp: str = "none",
         channels_last: bool = True,
+        allow_nonfinite: bool = False,
     ) -> Predictor:
         weights = Path(weights).expanduser()
         if weights.suffix == ".onnx":
@@ -119,7 +121,7 @@ class Predictor:
             pre = read_preprocessing(metadata, weights)
             return cls(weights, metadata, pre, session, torch.device("cpu"))
         target = resolve_device(device)
-        model, metadata = load_model(weights, raw=raw)
+        model, metadata = load_model(weights, raw, allow_nonfinite)
         if not metadata.get("classes") or model.num_classes == 0:
             raise ValueError(
                 f"{weights} has no classifier or no class names (a --notop file "
@@ -127,7 +129,7 @@ class Predictor:
             )
         pre = read_preprocessing(metadata, weights)
         fast = inference_model(model.to(target), channels_last=channels_last)
-        return cls(weights, metadata, pre, fast, target, amp, channels_last, raw)
+        return cls(weights, metadata, pre, fast, target, amp, channels_last, raw, allow_nonfinite)
 
     @property
     def classes(self) -> list[str]:
@@ -189,7 +191,7 @@ class Predictor:
                 shown = ", ".join(self.classes[:10])
                 raise ValueError(f"--cam-class {cam.class_name!r} is not a class ({shown}, ...)")
             index = self.classes.index(cam.class_name)
-        model, _ = load_model(self.weights, raw=self.raw)
+        model, _ = load_model(self.weights, self.raw, self.allow_nonfinite)
         model = model.to(self.device).eval()
         layer, _ = target_layer(model, cam.layer)  # checked before any image is read
         used: set[str] = set()
@@ -264,6 +266,7 @@ def evaluate_weights(
     json_path: str | Path | None = None,
     report_dir: str | Path | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """``xception eval``: top-1/top-5 and per-class precision, recall and F1 (or MAP@100 on
     multi-label data) of a weights file on the val split of ``data`` (default: the
@@ -279,7 +282,7 @@ def evaluate_weights(
     weights = Path(weights)
     if weights.suffix == ".onnx":
         raise ValueError(f"eval scores weight files; run the ONNX export {weights} with predict")
-    predictor = Predictor.load(weights, raw, device, amp, channels_last)
+    predictor = Predictor.load(weights, raw, device, amp, channels_last, allow_nonfinite)
     metadata = predictor.metadata
     splits = discover(_data_root(data, metadata, weights))
     classes = list(splits["val"].classes)

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from xception.config import check_known, from_values
 from xception.models.base import FeatureExtractor
-from xception.weights import FORMAT, load_weights, read_metadata
+from xception.weights import FORMAT, check_file_fits, load_weights, read_metadata
 
 # The classifier: what a new head replaces (ClassifierHead.classifier in every model).
 HEAD_PREFIX = "head.classifier."
@@ -69,6 +70,7 @@ def create_model(
     features_only: bool = False,
     raw: bool = False,
     new_head: bool = False,
+    allow_nonfinite: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered model, optionally with the weights of a file.
@@ -81,7 +83,9 @@ def create_model(
     classifier, which is initialised afresh (for ``num_classes`` of the caller's, which
     may differ from the file's): the start of fine-tuning. ``raw`` takes a trained file's
     raw (not averaged) weights. ``features_only`` returns a ``FeatureExtractor`` giving
-    the maps at strides 2, 4, 8, 16 and 32.
+    the maps at strides 2, 4, 8, 16 and 32. A file is checked against the network built on
+    the ``meta`` device first, so metadata that describes a huge or different network fails
+    before anything is allocated; non-finite weights fail unless ``allow_nonfinite``.
     """
     if num_classes is not None:
         overrides["num_classes"] = num_classes
@@ -92,15 +96,33 @@ def create_model(
     else:
         path = Path(weights).expanduser()
         name, config = weights_config(path, name, new_head, **overrides)
+        skip = HEAD_PREFIX if new_head else None
+        with torch.device("meta"):
+            skeleton = get_entry(name).model_class(config)
+        check_file_fits(skeleton, path, raw, skip)
         model = get_entry(name).model_class(config)
-        load_weights(model, path, raw=raw, skip=HEAD_PREFIX if new_head else None)
+        load_weights(model, path, raw, skip, allow_nonfinite)
     return FeatureExtractor(model) if features_only else model
 
 
-def load_model(path: str | Path, raw: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """The network a weights file records, with its weights, and the file's metadata."""
+def load_model(
+    path: str | Path, raw: bool = False, allow_nonfinite: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The network a weights file records, with its weights, and the file's metadata (its
+    class names checked to name the head's outputs)."""
     path = Path(path).expanduser()
-    return create_model(weights=path, raw=raw), read_metadata(path)
+    model = create_model(weights=path, raw=raw, allow_nonfinite=allow_nonfinite)
+    metadata = read_metadata(path)
+    classes = metadata.get("classes")
+    if classes is not None:
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"{path} records class names that are not a list of strings")
+        if model.num_classes and len(classes) != model.num_classes:
+            raise ValueError(
+                f"{path} records {len(classes)} class names for a head of "
+                f"{model.num_classes} classes"
+            )
+    return model, metadata
 
 
 def weights_config(

@@ -109,21 +109,52 @@ def load_torch_file(path: Path, what: str) -> Any:
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Fail on the first missing, unexpected or mis-shaped tensor, naming it and both shapes."""
-    expected = model.state_dict()
-    for key, tensor in expected.items():
-        if key not in state:
-            raise ValueError(f"{source} lacks {key} (expected shape {tuple(tensor.shape)})")
-        if state[key].shape != tensor.shape:
+    """Fail on the first missing, unexpected or mis-shaped tensor, naming it and both shapes,
+    and on a tensor that is not floating point where the model's is."""
+    _check_fits(_specs(model.state_dict()), _specs(state), source)
+
+
+Spec = tuple[tuple[int, ...], str, bool]  # shape, dtype name, floating point
+
+
+def _specs(tensors: dict[str, torch.Tensor]) -> dict[str, Spec]:
+    return {
+        k: (tuple(v.shape), str(v.dtype).removeprefix("torch."), v.is_floating_point())
+        for k, v in tensors.items()
+    }
+
+
+def header_specs(path: Path) -> dict[str, Spec]:
+    """Each tensor's shape and dtype as the file's header gives them; no data is read."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            slices = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+            return {
+                key: (tuple(s.get_shape()), s.get_dtype(), s.get_dtype().startswith(("F", "BF")))
+                for key, s in slices.items()
+            }
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+
+
+def _check_fits(expected: dict[str, Spec], found: dict[str, Spec], source: str) -> None:
+    for key, (shape, _, floating) in expected.items():
+        if key not in found:
+            raise ValueError(f"{source} lacks {key} (expected shape {shape})")
+        if found[key][0] != shape:
             raise ValueError(
-                f"{source}: {key} has shape {tuple(state[key].shape)}, the model "
-                f"expects {tuple(tensor.shape)}"
+                f"{source}: {key} has shape {found[key][0]}, the model expects {shape}"
             )
-    unexpected = [key for key in state if key not in expected]
+        if floating and not found[key][2]:
+            raise ValueError(
+                f"{source}: {key} holds {found[key][1]} values where the model has floating "
+                "point ones"
+            )
+    unexpected = [key for key in found if key not in expected]
     if unexpected:
         raise ValueError(
             f"{source} has {len(unexpected)} tensor(s) the model lacks, "
-            f"first {unexpected[0]} {tuple(state[unexpected[0]].shape)}"
+            f"first {unexpected[0]} {found[unexpected[0]][0]}"
         )
 
 
@@ -137,15 +168,42 @@ def select(state: dict[str, torch.Tensor], raw: bool, source: str) -> dict[str, 
     return chosen
 
 
-def load_weights(
+def check_file_fits(
     model: nn.Module, path: str | Path, raw: bool = False, skip: str | None = None
+) -> None:
+    """That ``path``'s tensors fit ``model`` (shapes and kinds, from the header alone): run on
+    a model built on the ``meta`` device, it checks a file before anything is allocated."""
+    found = _skipping(select(header_specs(_existing(path)), raw, str(path)), model, skip)
+    _check_fits(_specs(model.state_dict()), found, str(path))
+
+
+def _skipping(state: dict[str, Any], model: nn.Module, skip: str | None) -> dict[str, Any]:
+    """Tensors whose names start with ``skip`` as the model has them."""
+    if skip is None:
+        return state
+    own = model.state_dict()
+    kept = {k: v for k, v in state.items() if not k.startswith(skip)}
+    return kept | {k: v for k, v in own.items() if k.startswith(skip)}
+
+
+def load_weights(
+    model: nn.Module,
+    path: str | Path,
+    raw: bool = False,
+    skip: str | None = None,
+    allow_nonfinite: bool = False,
 ) -> None:
     """Load a safetensors file strictly; any mismatch fails before the model changes.
     Tensors whose names start with ``skip`` are left as the model has them, on both sides
-    (a new classifier over a loaded backbone)."""
-    state = select(load_state_dict(path), raw, str(path))
-    if skip is not None:
-        state = {k: v for k, v in state.items() if not k.startswith(skip)}
-        state |= {k: v for k, v in model.state_dict().items() if k.startswith(skip)}
-    check_state_dict(model, state, str(path))
+    (a new classifier over a loaded backbone). Non-finite weights are refused unless
+    ``allow_nonfinite`` (for debugging a diverged run)."""
+    check_file_fits(model, path, raw, skip)
+    state = _skipping(select(load_state_dict(path), raw, str(path)), model, skip)
+    if not allow_nonfinite:
+        bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise ValueError(
+                f"{path}: {len(bad)} tensor(s) hold non-finite values, first {bad[0]}; "
+                "pass --allow-nonfinite to load them anyway (for debugging)"
+            )
     model.load_state_dict(state)
