@@ -177,8 +177,11 @@ def test_missing_or_foreign_files_fail_clearly(tmp_path, tiny, export, load):
     save_file({"weight": torch.zeros(2)}, str(plain))
     unlabelled = tmp_path / "unlabelled.safetensors"  # a model, but no classes
     save_weights(create_model("mobilenet_v1_025", num_classes=2), unlabelled, "mobilenet_v1_025")
-    for weights in (plain, unlabelled):
-        with pytest.raises(ValueError):
+    for weights, message in (
+        (plain, "is not an xception weights file"),
+        (unlabelled, "carries no classes or preprocessing metadata"),
+    ):
+        with pytest.raises(ValueError, match=message):
             export(weights, tmp_path / "out")
     with pytest.raises(ValueError, match="raw"):
         export(tiny[0], tmp_path / "out", raw=True)

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import traceback
 
 import pytest
 import torch
@@ -157,8 +158,12 @@ def test_triton_kernel_matches_eager_on_the_gpu(dtype):
     assert any(isinstance(m, FusedSeparable) for m in fused.modules())
     with torch.no_grad(), torch.autocast("cuda", dtype, enabled=dtype == torch.bfloat16):
         expected, got = eager(x).float(), fused(x).float()
-    tolerance = 2e-2 if dtype == torch.bfloat16 else 2e-3  # TF32 / bf16 matrix multiplies
-    torch.testing.assert_close(got.softmax(1), expected.softmax(1), rtol=0, atol=tolerance)
+    # Logits, not probabilities (1000 of them are all about 1e-3: zeros would pass). The
+    # error is measured against the logits' own scale: TF32 or bf16 products in ~36 layers.
+    scale = expected.abs().max()
+    error = (got - expected).abs().max() / scale
+    assert scale > 0 and error < (5e-2 if dtype == torch.bfloat16 else 1e-2), (scale, error)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
 
 
 PRECISION_CHECK = """
@@ -262,7 +267,9 @@ def test_every_tile_compiles_for_an_h100_without_spills_and_with_wide_accesses(
     for tile in TILES:
         try:
             ptx, report = compile_for_h100(dtype, tile)
-        except (ImportError, AttributeError) as error:  # Triton's API moved
+        except (ImportError, AttributeError) as error:
+            if "triton" not in traceback.extract_tb(error.__traceback__)[-1].filename:
+                raise  # our own mistake, not Triton's API moving
             pytest.skip(f"this Triton cannot compile ahead of time here: {error}")
         assert " 0 bytes spill stores" in report, (str(tile), report)
         copies = re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)

@@ -34,7 +34,13 @@ def test_eval_scores_the_val_split_and_writes_json_only_when_asked(trained, tmp_
     metrics = evaluate_weights(weights, str(root), workers=0)
     again = evaluate_weights(weights, str(root), workers=0)  # a second run is no error
     assert sorted(weights.parent.iterdir()) == before  # nothing written beside the weights
-    assert metrics["images"] == 18 and 0 <= metrics["top1"] <= 1 <= metrics["top5"] + 1e-9
+    assert metrics["images"] == 18 and metrics["top5"] == 1.0  # 3 classes: top-5 is all
+    # top-1 as counted independently: predict's first class against each image's folder
+    images = sorted((root / "val").rglob("*.png"))
+    rows = Predictor.load(weights).predict(images, top_k=1)
+    pairs = zip(rows, images, strict=True)
+    right = sum(row["predictions"][0]["class"] == path.parent.name for row, path in pairs)
+    assert metrics["top1"] == pytest.approx(right / 18)
     assert again["top1"] == metrics["top1"] and metrics["variant"] == "averaged"
     out = tmp_path / "e.json"
     written = evaluate_weights(weights, str(root), workers=0, json_path=out)
@@ -107,7 +113,15 @@ def test_predict_ranks_classes_and_reports_bad_files(trained, tmp_path, capsys):
     assert failures == 1 and len(rows) == 7
     good = [row for row in rows if "predictions" in row]
     assert all(len(row["predictions"]) == 2 for row in good)
-    assert all(abs(sum(p["probability"] for p in row["predictions"]) - 1) < 0.5 for row in good)
+    every = {
+        row["path"]: row["predictions"]
+        for row in predict_paths(weights, [root / "val" / "red"], 3)[0]
+    }
+    for row in good:  # the top 2 of all 3, in order: the 3 probabilities sum to 1
+        full = every[row["path"]]
+        assert row["predictions"] == full[:2]
+        assert full[0]["probability"] >= full[1]["probability"] >= full[2]["probability"]
+        assert sum(p["probability"] for p in full) == pytest.approx(1, abs=1e-5)
     image = str(root / "val" / "blue" / "0.png")
     assert main(["predict", "--weights", str(weights), "--format", "json", image]) == 0
     out = json.loads(capsys.readouterr().out)

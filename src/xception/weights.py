@@ -98,14 +98,20 @@ def load_torch_file(path: Path, what: str) -> Any:
     to load it unsafely (which torch's own message gives)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(
-            f"{path} holds Python objects that cannot be loaded safely (loading them could "
-            f"run code); it is not a usable {what}"
-        ) from None
+    except pickle.UnpicklingError as error:
+        if "unsupported global" in str(error).lower():  # a pickle that names a callable
+            raise ValueError(
+                f"{path} holds Python objects that cannot be loaded safely (loading them "
+                f"could run code); it is not a usable {what}"
+            ) from None
+        raise ValueError(f"{path} is not a readable {what} ({_first_line(error)})") from None
     except Exception as error:  # corrupt archives, truncated files
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{path} is not a readable {what} ({first})") from None
+        raise ValueError(f"{path} is not a readable {what} ({_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -173,15 +179,15 @@ def check_file_fits(
 ) -> None:
     """That ``path``'s tensors fit ``model`` (shapes and kinds, from the header alone): run on
     a model built on the ``meta`` device, it checks a file before anything is allocated."""
-    found = _skipping(select(header_specs(_existing(path)), raw, str(path)), model, skip)
-    _check_fits(_specs(model.state_dict()), found, str(path))
+    expected = _specs(model.state_dict())
+    found = _skipping(select(header_specs(_existing(path)), raw, str(path)), expected, skip)
+    _check_fits(expected, found, str(path))
 
 
-def _skipping(state: dict[str, Any], model: nn.Module, skip: str | None) -> dict[str, Any]:
-    """Tensors whose names start with ``skip`` as the model has them."""
+def _skipping(state: dict[str, Any], own: dict[str, Any], skip: str | None) -> dict[str, Any]:
+    """``state`` with the entries whose names start with ``skip`` taken from ``own``."""
     if skip is None:
         return state
-    own = model.state_dict()
     kept = {k: v for k, v in state.items() if not k.startswith(skip)}
     return kept | {k: v for k, v in own.items() if k.startswith(skip)}
 
@@ -198,7 +204,7 @@ def load_weights(
     (a new classifier over a loaded backbone). Non-finite weights are refused unless
     ``allow_nonfinite`` (for debugging a diverged run)."""
     check_file_fits(model, path, raw, skip)
-    state = _skipping(select(load_state_dict(path), raw, str(path)), model, skip)
+    state = _skipping(select(load_state_dict(path), raw, str(path)), model.state_dict(), skip)
     if not allow_nonfinite:
         bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
         if bad:

@@ -68,6 +68,10 @@ def test_an_interrupted_experiment_resumes_arm_by_arm(tmp_path, monkeypatch):
                         real_resume(path, **kw))  # fmt: skip
     assert reproduce(out, "activation") == 0
     assert resumed == ["relu-seed0"]
+    # it continued from its checkpoint, the end of its training, rather than from step 0
+    steps = next(r["summary"]["steps"] for r in first["runs"] if r["folder"].endswith("relu-seed0"))
+    log = (out / "runs" / "relu-seed0" / "run.log").read_text().splitlines()
+    assert [line.rsplit(" ", 1)[1] for line in log if "from step" in line] == ["0", str(steps)]
     again = json.loads((out / "results.json").read_text())
     assert [r["summary"]["metrics"] for r in again["runs"]] == [
         r["summary"]["metrics"] for r in first["runs"]
@@ -188,3 +192,28 @@ def test_plans_read_set_values_as_training_option_types():
     assert Plan("residual", train_overrides={"epochs": "04", "ema_decay": "0"}).identity == typed
     with pytest.raises(ValueError, match="unknown training option 'epoch'"):
         Plan("residual", train_overrides={"epoch": "4"})
+
+
+def test_arm_stats_summarise_each_arms_seeds_from_the_runs():
+    from xception.reproduction.report import arm_stats
+
+    def run(arm, seed_scores, prior):
+        summary = {"primary_metric": "val_top1", "metrics": {"val_top1": seed_scores[-1]}}
+        rows = [{"val_top1": score} for score in seed_scores]
+        return {"arm": arm, "label": arm.upper(), "summary": summary, "rows": rows,
+                "parameters": 10, "macs": 20, "prior": prior}  # fmt: skip
+
+    results = {
+        "speed": {"batch_size": 32, "arms": {"a": {"train_median_s": 0.5}}},
+        "runs": [
+            run("a", [0.5, 0.7], 0.1),
+            run("b", [0.2, 0.3], 0.2),
+            run("a", [0.6, 0.9], 0.3),
+        ],
+    }
+    a, b = arm_stats(results)
+    assert (a.arm, a.label, a.seeds, b.seeds) == ("a", "A", 2, 1)
+    assert a.final == pytest.approx(0.8) and a.final_std == pytest.approx(0.1414, abs=1e-4)
+    assert a.profile_mean == pytest.approx((0.6 + 0.75) / 2)  # each seed's mean, averaged
+    assert a.prior == pytest.approx(0.2) and a.train_images_per_s == pytest.approx(64)
+    assert b.final == pytest.approx(0.3) and b.final_std is None and b.train_images_per_s is None

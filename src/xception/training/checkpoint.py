@@ -72,8 +72,7 @@ def save_checkpoint(weights_path: Path, write_weights: Any, state: dict[str, Any
     """``write_weights(tmp_path)`` writes the safetensors file (its metadata must carry
     ``step``); ``state`` (with ``position``) goes to the companion state file. A failed
     write removes its pending files (a full disk: ``NoSpaceError``)."""
-    pending = _pending(weights_path)
-    state_tmp = _pending(state_path(weights_path))
+    pending, state_tmp = pending_files(weights_path)
     with removed_on_failure(weights_path, pending, state_tmp):
         write_weights(str(pending))
         seal(pending)
@@ -81,6 +80,11 @@ def save_checkpoint(weights_path: Path, write_weights: Any, state: dict[str, Any
         seal(state_tmp)
     os.replace(pending, weights_path)
     os.replace(state_tmp, state_path(weights_path))
+
+
+def pending_files(weights_path: Path) -> tuple[Path, Path]:
+    """Where a save of this checkpoint writes before its renames."""
+    return _pending(weights_path), _pending(state_path(weights_path))
 
 
 def _pending(path: Path) -> Path:
@@ -100,9 +104,9 @@ def load_state(weights_path: Path) -> tuple[dict[str, Any], list[str]]:
         pending.unlink()
         notes.append(f"deleted {pending.name}, left by a save that was cut short")
 
-    if _pending(weights_path).exists():  # its save died before its first rename
-        discard(_pending(weights_path))
-    pending = _pending(path)
+    pending_weights, pending = pending_files(weights_path)
+    if pending_weights.exists():  # its save died before its first rename
+        discard(pending_weights)
     if pending.exists():
         try:
             complete = _read_state(pending)["position"]["step"] == step

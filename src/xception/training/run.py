@@ -24,6 +24,7 @@ from xception.devices import resolve_device
 from xception.distributed import World, barrier, close_world, init_world
 from xception.evaluation import per_class
 from xception.files import new_file_mode, write_json, write_text
+from xception.training.checkpoint import pending_files
 from xception.training.config import RESUME_OPTIONS, TrainConfig, from_yaml_file, to_yaml
 from xception.training.trainer import Trainer
 
@@ -129,6 +130,8 @@ def _lock(path: Path, run_dir: Path) -> int:
 def _clear(run_dir: Path, existing: list[Path]) -> None:
     for path in existing:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for path in pending_files(run_dir / "last.safetensors"):  # what a save cut short left
+        path.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
