@@ -315,3 +315,22 @@ def test_predict_names_what_it_cannot_read_and_never_blocks_on_a_fifo(trained, t
     assert "Traceback" not in result.stderr
     for name in ("fifo.png", "folder.jpg", "bomb.png"):
         assert f"{folder / name}" in result.stdout + result.stderr, name
+
+
+def test_finite_weights_that_overflow_give_errors_not_nan_answers(trained, tmp_path):
+    from xception.weights import save_weights
+
+    root, weights = trained
+    model, metadata = load_model(weights)
+    with torch.no_grad():
+        model.head.classifier.weight.fill_(3e38)  # finite, but the logits overflow
+        model.head.classifier.bias.fill_(3e38)
+    diverged = tmp_path / "diverged.safetensors"
+    save_weights(model, diverged, metadata["model"], metadata)
+    rows = Predictor.load(diverged).predict([root / "val" / "red"], top_k=2)
+    assert rows and all(
+        row["error"].startswith("the model's outputs are not finite") for row in rows
+    )
+    with pytest.raises(ValueError, match="gives non-finite outputs on the validation images"):
+        evaluate_weights(diverged, str(root), workers=0)
+    assert evaluate_weights(diverged, str(root), workers=0, allow_nonfinite=True)["images"] == 18

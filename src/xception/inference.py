@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,8 +237,14 @@ class Predictor:
         if not pending:
             return
         logits = self.logits(torch.stack([image for _, image in pending]))
+        finite = logits.isfinite().all(dim=1).tolist()
         values, indices = self.probabilities(logits).topk(min(top_k, len(self.classes)), dim=1)
-        for (row, _), v, i in zip(pending, values.tolist(), indices.tolist(), strict=True):
+        for (row, _), v, i, ok in zip(
+            pending, values.tolist(), indices.tolist(), finite, strict=True
+        ):
+            if not ok:  # finite weights that overflow: a diverged run's, most likely
+                rows[row]["error"] = "the model's outputs are not finite (diverged weights?)"
+                continue
             rows[row]["predictions"] = [
                 {"class": self.classes[c], "probability": p} for c, p in zip(i, v, strict=True)
             ]
@@ -316,6 +323,12 @@ def evaluate_weights(
         amp,
         len(classes),
     )
+    scored = len(splits["val"]) > len(found.skipped)  # else the loss is NaN for want of images
+    if scored and not math.isfinite(found.metrics["loss"]) and not allow_nonfinite:
+        raise ValueError(
+            f"{weights} gives non-finite outputs on the validation images (diverged "
+            "weights?), so its scores mean nothing; --allow-nonfinite reports them anyway"
+        )
     result: dict[str, Any] = {
         "weights": str(weights),
         "variant": variant(metadata, raw),
