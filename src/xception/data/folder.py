@@ -192,8 +192,10 @@ def read_rgb(path: Path) -> Image.Image:
             with Image.open(path) as image:
                 image.load()
                 return to_rgb(image)
-        except Image.DecompressionBombError as error:
-            raise ValueError(str(error)) from None
+        except (OSError, ValueError, SyntaxError):
+            raise
+        except Exception as error:  # decoders raise all sorts (bombs, struct, zlib, EOF...)
+            raise ValueError(f"{type(error).__name__}: {error}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
