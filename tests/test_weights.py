@@ -145,4 +145,6 @@ def test_malformed_weight_files_end_in_one_line_and_a_nonzero_exit(tmp_path, cap
         tried += 1
     assert tried == 17
     nan = tmp_path / "nan_weights.safetensors"
-    assert main(["predict", "--weights", str(nan), str(image), "--allow-nonfinite"]) == 0
+    # loaded anyway when asked; the NaN outputs are then an error row, not an answer
+    assert main(["predict", "--weights", str(nan), str(image), "--allow-nonfinite"]) == 1
+    assert "the model's outputs are not finite" in capsys.readouterr().out
