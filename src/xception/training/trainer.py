@@ -198,13 +198,15 @@ class Trainer:
         """A loss computed before an update can be finite while the update made the weights
         (or BatchNorm statistics) infinite: such weights must never become a checkpoint.
         Under DDP every rank decides together (per-rank BatchNorm statistics can differ)."""
-        bad = [
-            name
+        named = [
+            (name, tensor)
             for model in models
             if model is not None
             for name, tensor in (*model.named_parameters(), *model.named_buffers())
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+            if tensor.is_floating_point()
         ]
+        finite = torch.stack([tensor.isfinite().all() for _, tensor in named]).tolist()  # 1 sync
+        bad = [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
         count = torch.tensor(float(len(bad)), device=self.device)
         if all_reduce_sum(count, self.world).item():
             where = f"{len(bad)} tensors, first {bad[0]}" if bad else "on another rank"
