@@ -121,7 +121,7 @@ def _path_notes(manifest: Path, root: Path, paths: list[str]) -> list[str]:
     notes = []
     # by the text alone: resolving every path would cost a system call per component
     outside = [
-        p for p in paths if Path(p).is_absolute() or Path(os.path.normpath(p)).parts[0] == ".."
+        p for p in paths if Path(p).is_absolute() or Path(os.path.normpath(p)).parts[:1] == ("..",)
     ]
     if outside:
         notes.append(f"{manifest.name}: {len(outside)} path(s) outside {root}, e.g. {outside[0]}")
