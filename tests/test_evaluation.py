@@ -8,6 +8,7 @@ import torch
 from xception.evaluation import (
     ClassificationMeter,
     average_precision_at_k,
+    class_frequencies,
     class_frequency_weights,
     class_prior_score,
     map_at_k,
@@ -205,10 +206,13 @@ def test_class_prior_score_is_the_score_of_answering_with_training_frequencies()
     # Every image ranks 0, 1, 2.  Image a {1}: hit at rank 2, P=1/2 -> w1/2 / w1 = 1/2.
     # Image b {0, 2}: hit 0 at 1 (P=1), 2 at 3 (P=2/3): (3 + 1*2/3)/(3 + 1) = 11/12.
     val = torch.tensor([[0, 1, 0], [1, 0, 1]])
-    assert class_prior_score(train, val, multi_label=True) == pytest.approx((1 / 2 + 11 / 12) / 2)
+    assert class_prior_score(
+        class_frequency_weights(train), val, multi_label=True
+    ) == pytest.approx((1 / 2 + 11 / 12) / 2)
     # Single-label: always naming the commonest training class (0) is right for 1 of 3.
     one_hot = torch.eye(3)
-    assert class_prior_score(one_hot[[0, 0, 1]], one_hot[[0, 1, 2]], False) == pytest.approx(1 / 3)
+    prior = class_frequencies([2, 1, 0], 3)  # the counts of one_hot[[0, 0, 1]]
+    assert class_prior_score(prior, one_hot[[0, 1, 2]], False) == pytest.approx(1 / 3)
 
 
 def test_confusion_and_per_class_results_against_counts_by_hand():

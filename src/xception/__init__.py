@@ -1,8 +1,8 @@
 """Xception (Chollet, CVPR 2017) in PyTorch, with Inception V3 and MobileNet V1.
 
 The Python API mirrors the ``xception`` command: ``train``, ``evaluate``, ``predict``,
-``export``, ``convert``, ``preprocessing(weights)`` for a file's input transform and
-``gradcam(model, image)``;
+``export``, ``convert``, ``shard`` (WebDataset shards of a data set),
+``preprocessing(weights)`` for a file's input transform and ``gradcam(model, image)``;
 ``create_model`` builds any registered model, from a weights file too.
 """
 
@@ -17,6 +17,7 @@ from xception.api import (
     gradcam,
     predict,
     preprocessing,
+    shard,
     train,
 )
 from xception.layers import SeparableConv2d
@@ -36,5 +37,6 @@ __all__ = [
     "model_config",
     "predict",
     "preprocessing",
+    "shard",
     "train",
 ]

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from xception.data.shards import write_shards as shard
 from xception.files import refuse_folder
 from xception.gradcam import gradcam
 from xception.inference import CamRequest, ImageInput, Predictor, preprocessing
@@ -33,6 +34,7 @@ __all__ = [
     "gradcam",
     "predict",
     "preprocessing",
+    "shard",
     "train",
 ]
 

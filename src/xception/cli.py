@@ -286,6 +286,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if any("error" in row for row in rows) else 0
 
 
+def cmd_shard(args: argparse.Namespace) -> None:
+    result = api.shard(
+        args.data,
+        args.out,
+        shard_size=args.shard_size,
+        splits=[name.strip() for name in args.split.split(",") if name.strip()],
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    for name, split in result.info["splits"].items():
+        print(f"{name}: {split['samples']} images in {len(split['shards'])} shards")
+    print(f"wrote {result.written} shards, kept {result.kept} complete ones, into {args.out}")
+    for entry in result.skipped:
+        print(f"skipped unreadable file {entry}")
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     out = api.convert(
         args.source,
@@ -485,6 +501,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_hardware(predict)
     predict.set_defaults(run=cmd_predict)
 
+    shard = commands.add_parser(
+        "shard",
+        help="WebDataset tar shards of an image folder or manifest (for train --data)",
+        description="Write DATA (an image folder or a CSV manifest root) as tar shards in "
+        "the WebDataset layout (KEY.jpg or the image's own encoding, KEY.cls or "
+        "KEY.labels, KEY.path) with OUT/info.json (classes, counts, shard checksums), in a "
+        "seeded random order. A rerun keeps complete shards. See docs/scale.md.",
+    )
+    shard.add_argument("data", metavar="DATA", help="image folder or CSV manifest root")
+    shard.add_argument("out", metavar="OUT", help="folder for the shards and info.json")
+    shard.add_argument(
+        "--shard-size", type=at_least(1), default=1000, help="images a shard (default 1000)"
+    )
+    shard.add_argument("--split", default="train,val", help="splits to write (default train,val)")
+    shard.add_argument("--seed", type=at_least(0), default=0, help="seed of the sample order")
+    shard.add_argument("--quiet", action="store_true", help="no progress bar")
+    shard.set_defaults(run=cmd_shard)
+
     convert = commands.add_parser("convert", help="Keras or timm/Cadene weights -> ours")
     convert.add_argument("source", metavar="SRC", help=".h5 / .weights.h5 / .pth / .safetensors")
     convert.add_argument(
@@ -571,6 +605,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: object) -> str:
+    """An error's message; for one raised in a DataLoader worker (which PyTorch re-raises
+    with the worker's traceback in the message), the original message alone."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command in ``argv`` (default: the process's); the exit status."""
     parser = build_parser()
@@ -584,10 +628,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args) or 0
     except USER_ERRORS as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"xception {args.command}: error: {message}", file=sys.stderr)
+        print(f"xception {args.command}: error: {one_line(message)}", file=sys.stderr)
         return 2
     except (TrainingError, NoSpaceError) as error:
-        print(f"xception {args.command}: error: {error}", file=sys.stderr)
+        print(f"xception {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"xception {args.command}: interrupted", file=sys.stderr)

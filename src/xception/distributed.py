@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,14 +29,16 @@ class World:
         return self.size > 1
 
 
-def init_world(device_type: str) -> World:
-    """Join the torchrun group if launched by torchrun (``WORLD_SIZE`` set), else one process."""
+def init_world(device_type: str, timeout_s: float = 900) -> World:
+    """Join the torchrun group if launched by torchrun (``WORLD_SIZE`` set), else one process.
+    A collective that waits ``timeout_s`` for a peer (one that failed, on another node
+    too) raises instead of waiting forever."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World()
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -63,8 +66,9 @@ def all_reduce_sum(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
-def all_gather_cat(tensor: torch.Tensor, world: World) -> torch.Tensor:
-    """Concatenate a tensor of per-rank length along dim 0 across ranks, in rank order."""
+def gather_cat(tensor: torch.Tensor, world: World) -> torch.Tensor | None:
+    """Concatenate a tensor of per-rank length along dim 0 on rank 0, in rank order (None
+    on the other ranks: only the rank that computes with it holds it)."""
     if not world.distributed:
         return tensor
     sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world.size)]
@@ -72,8 +76,10 @@ def all_gather_cat(tensor: torch.Tensor, world: World) -> torch.Tensor:
     longest = int(max(s.item() for s in sizes))
     padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     padded[: tensor.shape[0]] = tensor
-    chunks = [torch.empty_like(padded) for _ in range(world.size)]
-    dist.all_gather(chunks, padded)
+    chunks = [torch.empty_like(padded) for _ in range(world.size)] if world.is_main else None
+    dist.gather(padded, chunks, dst=0)
+    if chunks is None:
+        return None
     return torch.cat([c[: int(s.item())] for c, s in zip(chunks, sizes, strict=True)])
 
 

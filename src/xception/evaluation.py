@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xception.devices import accumulator_dtype, autocast, model_input
-from xception.distributed import all_gather_cat, all_reduce_sum
+from xception.distributed import all_reduce_sum, gather_cat
 
 __all__ = [
     "ClassificationMeter",
     "ConfusionMatrix",
     "Evaluation",
     "average_precision_at_k",
+    "class_frequencies",
     "class_frequency_weights",
     "evaluate",
     "map_at_k",
@@ -118,23 +119,27 @@ def class_frequency_weights(targets: Tensor) -> Tensor:
     """Fraction of images labelled with each class: ``targets.sum(0) / N``, in ``[0, 1]``.
 
     ``targets`` is a 0/1 ``[N, C]`` label matrix (the training labels, or any sample of
-    images representative of the traffic the metric should reflect). The scale is
-    immaterial for ``map_at_k``, which is invariant to multiplying all weights by a constant,
-    so on a data set too large for one tensor summing ``targets.sum(0)`` over chunks and
-    dividing by the total count gives the same weights. Classes never seen weigh 0: they
-    earn nothing when predicted and are not expected in a perfect top-k.
+    images representative of the traffic the metric should reflect). Classes never seen
+    weigh 0: they earn nothing when predicted and are not expected in a perfect top-k.
+    A data set too large for one matrix gives its counts to ``class_frequencies``.
     """
     if targets.ndim != 2 or targets.shape[0] == 0:
         raise ValueError(f"expected a non-empty [N, C] label matrix, got {tuple(targets.shape)}")
-    return targets.to(torch.float64).sum(dim=0) / targets.shape[0]
+    return class_frequencies(targets.to(torch.float64).sum(dim=0), targets.shape[0])
 
 
-def class_prior_score(train_targets: Tensor, val_targets: Tensor, multi_label: bool) -> float:
+def class_frequencies(counts: Sequence[float] | Tensor, images: int) -> Tensor:
+    """``class_frequency_weights`` from per-class image counts (as a split or info.json
+    keeps them): no ``[N, C]`` matrix at any size."""
+    return torch.as_tensor(counts, dtype=torch.float64) / images
+
+
+def class_prior_score(frequency: Tensor, val_targets: Tensor, multi_label: bool) -> float:
     """The score of a model that ignores the image and answers with the training classes'
-    frequencies: what a run reaches by learning nothing. Multi-label: frequency-weighted
-    MAP@100 (the training metric); single-label: top-1 of always naming the commonest class.
+    ``frequency`` (``class_frequencies``): what a run reaches by learning nothing.
+    Multi-label: frequency-weighted MAP@100 (the training metric); single-label: top-1 of
+    always naming the commonest class.
     """
-    frequency = class_frequency_weights(train_targets)
     if multi_label:
         scores = frequency.to(torch.float32).expand(val_targets.shape[0], -1)
         return map_at_k(scores, val_targets, 100, frequency)
@@ -275,7 +280,10 @@ def evaluate(
     meter = ClassificationMeter(device)
     confusion = ConfusionMatrix(num_classes, device) if num_classes and not multi_label else None
     scores, targets, skipped = [], [], []
-    loss_sum = torch.zeros((), dtype=accumulator_dtype(device), device=device)
+    dtype = accumulator_dtype(device)
+    loss_sum = torch.zeros((), dtype=dtype, device=device)
+    # per-image AP@100 sums and counts (class-weighted, then unweighted): MAP@100 streams
+    map_sums = torch.zeros(4, dtype=dtype, device=device)
     for batch in loader:
         skipped += batch.skipped
         if batch.images.shape[0] == 0:
@@ -286,7 +294,12 @@ def evaluate(
             logits = model(x).float()
         if multi_label:
             loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum") / y.shape[1]
-            scores.append(torch.sigmoid(logits))
+            probabilities = torch.sigmoid(logits)
+            for j, weights in enumerate((class_weights, None)):
+                ap = average_precision_at_k(probabilities, y, 100, weights)
+                map_sums[2 * j] += ap.nan_to_num().sum().to(dtype)
+                map_sums[2 * j + 1] += (~ap.isnan()).sum().to(dtype)
+            scores.append(probabilities)
             targets.append(y)
         else:
             meter.update(logits, y, F.cross_entropy(logits, y, reduction="sum"))
@@ -297,14 +310,23 @@ def evaluate(
         metrics = ClassificationMeter.compute_from(all_reduce_sum(meter.state(), world))
         counts = all_reduce_sum(confusion.counts, world).cpu() if confusion is not None else None
         return Evaluation(metrics, skipped, counts)
-    all_scores = all_gather_cat(torch.cat(scores), world).cpu()
-    all_targets = all_gather_cat(torch.cat(targets), world).cpu()
-    weights = class_weights.cpu() if class_weights is not None else None
+    weighted, defined, plain, images = all_reduce_sum(map_sums, world).tolist()
+    if not defined or not images:
+        raise ValueError("no image has a positive label of positive weight")
+    # mAP ranks every image per class: rank 0 alone gathers the scores, and shares the value
+    gathered = [gather_cat(torch.cat(parts), world) for parts in (scores, targets)]
+    value = torch.zeros((), dtype=dtype, device=device)
+    if world.is_main:
+        value += mean_average_precision(gathered[0].cpu(), gathered[1].cpu())
+    total = sum(int(t.shape[0]) for t in targets)
     metrics = {
-        "map100": map_at_k(all_scores, all_targets, 100, weights),
-        "map100_unweighted": map_at_k(all_scores, all_targets, 100),
-        "map": mean_average_precision(all_scores, all_targets),
-        "loss": (all_reduce_sum(loss_sum, world) / all_scores.shape[0]).item(),
+        "map100": weighted / defined,
+        "map100_unweighted": plain / images,
+        "map": all_reduce_sum(value, world).item(),
+        "loss": (
+            all_reduce_sum(loss_sum, world)
+            / all_reduce_sum(torch.tensor(float(total), dtype=dtype, device=device), world)
+        ).item(),
     }
     return Evaluation(metrics, skipped)
 

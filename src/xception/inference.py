@@ -21,8 +21,14 @@ from PIL import Image
 
 from xception.class_report import REPORT_FILES, write_class_report
 from xception.config import from_values
-from xception.data.folder import IMAGE_EXTENSIONS, discover
-from xception.data.loaders import EvalBatchSampler, ImageDataset, make_loader, single_images
+from xception.data.folder import IMAGE_EXTENSIONS
+from xception.data.loaders import (
+    EvalBatchSampler,
+    make_dataset,
+    make_loader,
+    open_data,
+    single_images,
+)
 from xception.data.synthetic import SyntheticSpec, materialize
 from xception.data.transforms import (
     EvalTransform,
@@ -33,7 +39,7 @@ from xception.data.transforms import (
 )
 from xception.devices import autocast, model_input, resolve_device
 from xception.distributed import World
-from xception.evaluation import class_frequency_weights, evaluate, per_class
+from xception.evaluation import class_frequencies, evaluate, per_class
 from xception.files import atomic_write, write_json
 from xception.fusion import inference_model
 from xception.gradcam import gradcam, overlay, target_layer
@@ -251,9 +257,9 @@ class Predictor:
         pending.clear()
 
 
-def _data_root(data: str | Path | None, metadata: dict[str, Any], weights: Path) -> Path:
+def _data_root(data: str | Path | None, metadata: dict[str, Any], weights: Path) -> str | Path:
     if data is not None:
-        return Path(data)
+        return data
     spec = metadata.get("builtin_data")
     if not isinstance(spec, dict):
         raise ValueError(f"{weights} was not trained on the built-in data set; pass --data")
@@ -291,7 +297,7 @@ def evaluate_weights(
         raise ValueError(f"eval scores weight files; run the ONNX export {weights} with predict")
     predictor = Predictor.load(weights, raw, device, amp, channels_last, allow_nonfinite)
     metadata = predictor.metadata
-    splits = discover(_data_root(data, metadata, weights))
+    splits = open_data(_data_root(data, metadata, weights))
     classes = list(splits["val"].classes)
     if classes != predictor.classes:
         raise ValueError(
@@ -302,11 +308,10 @@ def evaluate_weights(
     multi_label = splits["val"].multi_label
     if multi_label and report_dir is not None:
         raise ValueError("--report writes single-label results; this data is multi-label")
-    weights_per_class = (
-        class_frequency_weights(splits["train"].label_matrix()) if multi_label else None
-    )
+    train = splits["train"]
+    weights_per_class = class_frequencies(train.class_counts(), len(train)) if multi_label else None
     loader = make_loader(
-        ImageDataset(splits["val"], predictor.pre, train=False),
+        make_dataset(splits["val"], predictor.pre, train=False),
         EvalBatchSampler(len(splits["val"]), batch_size),
         workers,
         predictor.device.type == "cuda",

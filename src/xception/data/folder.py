@@ -23,6 +23,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps
@@ -46,6 +47,11 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def class_counts(self) -> tuple[int, ...]:
+        """Images of each class."""
+        counts = Counter(label for labels in self.labels for label in labels)
+        return tuple(counts[c] for c in range(len(self.classes)))
 
     def label_matrix(self) -> torch.Tensor:
         """(images, classes) 0/1 matrix of the labels."""
@@ -183,17 +189,22 @@ def _discover_manifest(root: Path) -> dict[str, Split]:
 
 
 def read_rgb(path: Path) -> Image.Image:
-    """Decode fully (so truncation shows here) and convert to RGB (``to_rgb``).
-
-    Raises ``OSError``/``ValueError`` for unreadable files.
-    """
+    """Decode a file fully (``decode_rgb``), refusing anything but a regular file."""
     if not path.is_file():  # a FIFO would block open() forever
         raise ValueError("not a regular file (a folder, FIFO, socket or broken link)")
+    return decode_rgb(path)
+
+
+def decode_rgb(source: Path | BinaryIO) -> Image.Image:
+    """Decode fully (so truncation shows here) and convert to RGB (``to_rgb``).
+
+    Raises ``OSError``/``ValueError`` for unreadable images.
+    """
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's palette-transparency warnings are not ours
         try:
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 image.load()
                 return to_rgb(image)
         except (OSError, ValueError, SyntaxError):

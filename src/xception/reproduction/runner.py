@@ -32,10 +32,10 @@ from xception.benchmarking import (
     torch_step,
 )
 from xception.config import coerce_values, normalize
-from xception.data.folder import discover
+from xception.data.loaders import open_data
 from xception.data.synthetic import materialize
 from xception.devices import check_device_name, resolve_device
-from xception.evaluation import class_prior_score
+from xception.evaluation import class_frequencies, class_prior_score
 from xception.files import write_json
 from xception.registry import create_model, load_model
 from xception.reproduction.experiments import (
@@ -163,11 +163,10 @@ def run_arm(folder: Path, config: TrainConfig, recipe: str, progress: bool) -> d
 def class_prior(config: TrainConfig) -> float:
     """What the arm's score would be if it learned nothing (see ``class_prior_score``)."""
     spec = config.builtin_data()
-    splits = discover(materialize(spec, progress=False) if spec else Path(config.data or ""))
+    splits = open_data(materialize(spec, progress=False) if spec else config.data or "")
     train_split, val = splits["train"], splits["val"]
-    return class_prior_score(
-        train_split.label_matrix(), val.label_matrix(), train_split.multi_label
-    )
+    frequency = class_frequencies(train_split.class_counts(), len(train_split))
+    return class_prior_score(frequency, val.label_matrix(), train_split.multi_label)
 
 
 def model_cost(weights: Path, image_size: int) -> dict[str, int]:

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from xception.data.folder import Split, discover
+from xception.data.loaders import open_data
+from xception.data.shards import ShardSplit
 from xception.data.synthetic import materialize
 from xception.distributed import World, barrier
 from xception.registry import HEAD_PREFIX, get_entry, weights_config
@@ -18,12 +20,14 @@ from xception.training.optim import LRSchedule, RMSpropTF, param_groups, scale_l
 from xception.weights import load_weights, read_metadata
 
 
-def build_splits(config: TrainConfig, world: World, progress: bool) -> dict[str, Split]:
+def build_splits(
+    config: TrainConfig, world: World, progress: bool
+) -> dict[str, Split | ShardSplit]:
     """The train and val splits, checked against the config. The built-in data set is
     rendered once, by rank 0, while the other ranks wait."""
     spec = config.builtin_data()
     if spec is None:
-        splits = discover(config.data)
+        splits = open_data(config.data)
     else:
         if world.is_main:
             materialize(spec, progress=progress)
@@ -31,8 +35,8 @@ def build_splits(config: TrainConfig, world: World, progress: bool) -> dict[str,
         splits = discover(materialize(spec, progress=False))
     if config.multi_label and not splits["train"].multi_label:
         raise ValueError(
-            f"multi_label=true needs multi-label data: {config.data} holds class folders, "
-            "not train.csv/val.csv manifests"
+            f"multi_label=true needs multi-label data: {config.data} is single-label "
+            "(class folders, a path,label manifest or shards made of them)"
         )
     return splits
 
@@ -116,10 +120,10 @@ def build_schedule(config: TrainConfig, total_steps: int) -> LRSchedule:
     )
 
 
-def class_balance(split: Split) -> torch.Tensor:
+def class_balance(split: Split | ShardSplit) -> torch.Tensor:
     """Loss weights ``N / (C * n_c)``: every class weighs as much as a balanced data set's
     (every class has training images: the split's classes come from them)."""
-    counts = split.label_matrix().sum(0)
+    counts = torch.tensor(split.class_counts(), dtype=torch.float32)
     return counts.sum() / (len(counts) * counts)
 
 

@@ -39,6 +39,7 @@ GROUPS = (
 # Numbers that may be 0 (every other one must be positive; none may be negative).
 MAY_BE_ZERO = (
     "workers",
+    "lanes",
     "save_every",
     "warmup_steps",
     "weight_decay",
@@ -65,7 +66,15 @@ TRAINING_OWNED = {
 }
 # What may change when a run is resumed: how long it runs and how it is driven, never
 # what decides the weights.
-RESUME_OPTIONS = ("epochs", "max_steps", "workers", "save_every", "log_every", "device")
+RESUME_OPTIONS = (
+    "epochs",
+    "max_steps",
+    "workers",
+    "save_every",
+    "log_every",
+    "device",
+    "dist_timeout",
+)
 
 
 def describe(group: str, help: str) -> dict[str, str]:
@@ -84,8 +93,9 @@ class TrainConfig:
     data: str | None = option(
         None,
         "data",
-        "image folder (ROOT/train/<class>/*, ROOT/val/<class>/*) or manifest root "
-        "(ROOT/train.csv, ROOT/val.csv: path,labels); not given: the built-in data set",
+        "image folder (ROOT/train/<class>/*, ROOT/val/<class>/*), manifest root "
+        "(ROOT/train.csv, ROOT/val.csv: path,labels), or shard folder or fsspec URL "
+        "(`xception shard`); not given: the built-in data set",
     )
     multi_label: bool = option(
         False,
@@ -114,6 +124,13 @@ class TrainConfig:
     )
     eval_batch_size: int = option(128, "data", "images an evaluation batch (global)")
     workers: int = option(2, "data", "data loading processes (0: in the training process)")
+    lanes: int = option(
+        0,
+        "data",
+        "shard data: parallel streams the batches are drawn from (0: one per process, fixed "
+        "at the start); any process count dividing it trains on the same batches",
+    )
+    shuffle_buffer: int = option(1000, "data", "shard data: samples a lane shuffles at a time")
     # model
     model: str = option("xception_tiny", "model", "model name (`xception models` lists them)")
     model_overrides: dict[str, Any] = field(
@@ -215,6 +232,11 @@ class TrainConfig:
     )
     compile: bool = option(False, "hardware", "torch.compile the training step")
     sync_bn: bool = option(True, "hardware", "synchronise BatchNorm across torchrun processes")
+    dist_timeout: int = option(
+        900,
+        "hardware",
+        "seconds a torchrun process waits for the others in a collective before it stops",
+    )
 
     def __post_init__(self) -> None:
         normalize(self)
@@ -223,6 +245,11 @@ class TrainConfig:
         for name in ("ema_decay", "label_smoothing", "lr_decay", "rmsprop_decay", "random_erasing"):
             if getattr(self, name) > 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if self.lanes and (self.batch_size // self.grad_accum) % self.lanes:
+            raise ValueError(
+                f"lanes={self.lanes} must divide the batch of a step "
+                f"({self.batch_size // self.grad_accum} images)"
+            )
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}"

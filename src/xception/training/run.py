@@ -19,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from torch.distributed import DistError
+
 from xception.class_report import REPORT_FILES
 from xception.devices import resolve_device
 from xception.distributed import World, barrier, close_world, init_world
@@ -26,7 +28,7 @@ from xception.evaluation import per_class
 from xception.files import new_file_mode, write_json, write_text
 from xception.training.checkpoint import pending_files
 from xception.training.config import RESUME_OPTIONS, TrainConfig, from_yaml_file, to_yaml
-from xception.training.trainer import Trainer
+from xception.training.trainer import Trainer, TrainingError
 
 RUN_ARTIFACTS = (
     "config.yaml",
@@ -146,11 +148,14 @@ def train(
     run_dir = run_folder(config, out)
 
     def start(world: World) -> tuple[Trainer, Path | None]:
-        trainer = Trainer(config, recipe, world, progress)  # checks everything first
+        # the lanes of a shard stream are fixed now, so that a resume on another number
+        # of processes reads the same batches
+        resolved = replace(config, lanes=config.lanes or world.size)
+        trainer = Trainer(resolved, recipe, world, progress)  # checks everything first
         if not world.is_main:
             return trainer, None
         _clear(run_dir, existing)
-        write_text(run_dir / "config.yaml", to_yaml(config, recipe))
+        write_text(run_dir / "config.yaml", to_yaml(resolved, recipe))
         return trainer, run_dir
 
     with holding(run_dir):
@@ -196,11 +201,17 @@ def run_in_world(
     """Run a trainer inside the torchrun group (if any). The trainer, and with it the DDP
     model holding the process group, is gone before the group is closed: a gloo group that
     outlives the interpreter aborts the process at exit."""
-    world = init_world(resolve_device(config.device).type)
+    world = init_world(resolve_device(config.device).type, config.dist_timeout)
     try:
         result = _run(*start(world))
         barrier(world)  # no rank closes its connections while a peer is in a collective
         return result
+    except DistError as error:
+        raise TrainingError(
+            f"rank {world.rank}: another torchrun process stopped, or did not answer within "
+            f"dist_timeout={config.dist_timeout} s, so this one stops too "
+            f"({str(error).splitlines()[0][:200]})"
+        ) from None
     finally:
         close_world(world)
 

@@ -27,13 +27,13 @@ from xception.data.augment import Augmentation, mix_batch
 from xception.data.loaders import (
     Batch,
     EvalBatchSampler,
-    ImageDataset,
-    TrainBatchSampler,
+    make_dataset,
     make_loader,
+    train_sampler,
 )
 from xception.devices import accumulator_dtype, autocast, model_input, resolve_device
 from xception.distributed import World, all_reduce_sum, convert_sync_batchnorm
-from xception.evaluation import class_frequency_weights, evaluate, per_class, primary_metric
+from xception.evaluation import class_frequencies, evaluate, per_class, primary_metric
 from xception.files import atomic_write
 from xception.runtime import compile_for_training
 from xception.training import checkpoint as ckpt
@@ -127,27 +127,40 @@ class Trainer:
         self.best: float | None = None
         self.pre = config.preprocessing()
         self.map_weights = (
-            class_frequency_weights(train_split.label_matrix()) if self.multi_label else None
+            class_frequencies(train_split.class_counts(), len(train_split))
+            if self.multi_label
+            else None
         )
         self.loss_weights = class_balance(train_split).to(self.device) if config.balance else None
         self.confusion: torch.Tensor | None = None  # of the last evaluation (averaged weights)
         pin = self.device.type == "cuda"
-        self.sampler = TrainBatchSampler(
-            len(train_split),
+        lanes = config.lanes or world.size
+        self.sampler = train_sampler(
+            train_split,
             config.batch_size // config.grad_accum,
             config.seed,
             world.rank,
             world.size,
+            lanes=lanes,
+            buffer=config.shuffle_buffer,
         )
         augmentation = Augmentation(config.auto_augment, config.random_erasing)
         self.train_loader = make_loader(
-            ImageDataset(train_split, self.pre, True, config.seed, augmentation),
+            make_dataset(
+                train_split,
+                self.pre,
+                True,
+                config.seed,
+                augmentation,
+                lanes // world.size,
+                config.shuffle_buffer,
+            ),
             self.sampler,
             config.workers,
             pin,
         )
         self.val_loader = make_loader(
-            ImageDataset(val_split, self.pre, False),
+            make_dataset(val_split, self.pre, False),
             EvalBatchSampler(len(val_split), config.eval_batch_size, world.rank, world.size),
             config.workers,
             pin,
@@ -191,6 +204,7 @@ class Trainer:
             "ema_updates": self.ema.num_updates if self.ema is not None else 0,
             "best": self.best,
             "rng": ckpt.rng_state(),
+            "data_cursor": self._cursor(self.position),
         }
         ckpt.save_checkpoint(self.run_dir / "last.safetensors", write, state)
 
@@ -228,6 +242,16 @@ class Trainer:
         self.position = ckpt.Position(**state["position"])
         self.best = state["best"]
         ckpt.set_rng_state(state["rng"])
+        recorded, now = state.get("data_cursor"), self._cursor(self.position)
+        if recorded is not None and recorded != now:
+            raise ValueError(
+                f"the training data is not what {weights_path.name} was trained on: it reads "
+                f"{recorded}, the data now gives {now} (shards rewritten, or a lanes or "
+                "shuffle_buffer change?)"
+            )
+
+    def _cursor(self, position: ckpt.Position) -> dict[str, object]:
+        return self.sampler.cursor(position.epoch, position.batch_in_epoch * self.config.grad_accum)
 
     # -- the loop ---------------------------------------------------------------------
     def run(self, run_dir: Path | None) -> tuple[dict[str, float], int, float]:
