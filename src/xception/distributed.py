@@ -42,6 +42,19 @@ def init_world(device_type: str, timeout_s: float = 900) -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+# What gloo and NCCL say when a peer died or a collective waited past the timeout (gloo
+# raises plain RuntimeErrors, newer code paths DistError).
+PEER_FAILURES = ("gloo", "nccl", "connection closed", "timed out", "timeout")
+
+
+def peer_failed(error: BaseException, world: World) -> bool:
+    """Whether ``error`` is a collective failing because another process stopped or hung."""
+    if not world.distributed or not isinstance(error, RuntimeError):
+        return False
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or any(marker in text for marker in PEER_FAILURES)
+
+
 def close_world(world: World) -> None:
     """Free the group while the interpreter is alive.
 

@@ -184,57 +184,104 @@ def test_torchrun_trains_the_head_alone_then_everything(image_folder, tmp_path):
     assert not torch.equal(second[conv], first[conv])
 
 
+# Two float32 steps of DDP with SyncBN on 2 CPU processes agree with one process on the same
+# global batch within 1e-4 (1.3e-5 measured; rounding that small-batch BatchNorm amplifies,
+# see test_distributed for the exact float64 check).
+DDP_ARGS = [
+    *("--model", "xception_tiny", "--image-size", "72", "--batch-size", "8"),
+    *("--max-steps", "2", "--workers", "0", "--quiet", "--lr", "0.001"),
+    *("--set", "optimizer=sgd", "dropout=0.0", "ema_decay=0.5", "warmup_steps=0"),
+]
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def one_process(args):
+    command = [sys.executable, "-m", "xception", "train", *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, env=ONE_THREAD, check=False, timeout=600
+    )
+
+
+def assert_close_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in b:
+        if b[key].is_floating_point():
+            torch.testing.assert_close(
+                a[key], b[key], rtol=0, atol=1e-4, msg=lambda m, k=key: f"{k}: {m}"
+            )
+
+
 def test_torchrun_two_gloo_processes_equal_one_process(image_folder, tmp_path):
-    """The real command: DDP with SyncBN on 2 CPU processes vs one process on the same
-    global batch. Two float32 steps agree within 1e-4 (1.3e-5 measured; rounding that
-    small-batch BatchNorm amplifies, see test_distributed for the exact float64 check)."""
-    args = [
-        "--data",
-        str(image_folder),
-        "--model",
-        "xception_tiny",
-        "--image-size",
-        "72",
-        "--batch-size",
-        "8",
-        "--max-steps",
-        "2",
-        "--workers",
-        "0",
-        "--quiet",
-        "--lr",
-        "0.001",
-        "--set",
-        "optimizer=sgd",
-        "dropout=0.0",
-        "ema_decay=0.5",
-        "warmup_steps=0",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """The real command: DDP with SyncBN on 2 CPU processes vs one process."""
+    args = ["--data", str(image_folder), *DDP_ARGS]
     result = torchrun(["--out", str(tmp_path / "ddp"), *args])
     assert result.returncode == 0, result.stderr[-2000:]
-    single = subprocess.run(
-        [sys.executable, "-m", "xception", "train", "--out", str(tmp_path / "one"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=600,
-    )
+    single = one_process(["--out", str(tmp_path / "one"), *args])
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp, one = (
+    assert_close_weights(
         weights(tmp_path / "ddp" / "last.safetensors"),
         weights(tmp_path / "one" / "last.safetensors"),
     )
-    assert ddp.keys() == one.keys()
-    for key in one:
-        if one[key].is_floating_point():
-            torch.testing.assert_close(
-                ddp[key], one[key], rtol=0, atol=1e-4, msg=lambda m, k=key: f"{k}: {m}"
-            )
     assert not (tmp_path / "ddp" / "run.log").read_text().count("rank 1")
     assert result.stdout.count("run folder:") == 1  # only rank 0 reports (and has) a folder
     assert "run folder: ." not in result.stdout
+
+
+def two_nodes(args):
+    """`xception train ARGS` as two torchrun agents of one process each, meeting at a c10d
+    rendezvous on 127.0.0.1, as two nodes would: (exit status, stdout, stderr) of each."""
+    port = free_port()
+    agents = [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-m", "torch.distributed.run", "--nnodes", "2"),
+                *("--nproc-per-node", "1", "--node-rank", str(node), "--rdzv-backend", "c10d"),
+                *("--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"test{port}"),
+                *("-m", "xception", "train", *args),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ONE_THREAD,
+        )
+        for node in range(2)
+    ]
+    return [(agent.wait(timeout=600), *agent.communicate()) for agent in agents]
+
+
+def test_two_torchrun_nodes_on_shards_equal_one_process_with_two_lanes(image_folder, tmp_path):
+    from xception.data.shards import write_shards
+
+    write_shards(image_folder, tmp_path / "shards", shard_size=10, progress=False)
+    args = ["--data", str(tmp_path / "shards"), *DDP_ARGS]
+    nodes = two_nodes(["--out", str(tmp_path / "nodes"), *args])
+    assert [code for code, _, _ in nodes] == [0, 0], nodes[0][2][-2000:] + nodes[1][2][-2000:]
+    single = one_process(["--out", str(tmp_path / "one"), *args, "lanes=2"])
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert_close_weights(
+        weights(tmp_path / "nodes" / "last.safetensors"),
+        weights(tmp_path / "one" / "last.safetensors"),
+    )
+    assert "lanes: 2" in (tmp_path / "nodes" / "config.yaml").read_text()
+
+
+def test_a_rank_that_fails_ends_the_other_node_with_a_message(image_folder, tmp_path):
+    """Two lanes of one shard each: only the rank whose shard is damaged fails; the other,
+    waiting in the gradient all-reduce, stops too (within dist_timeout) and says why."""
+    from xception.data.shards import write_shards
+
+    shards = tmp_path / "shards"
+    write_shards(image_folder, shards, shard_size=24, progress=False)
+    damaged = bytearray((shards / "train-000001.tar").read_bytes())
+    damaged[700] ^= 0xFF  # inside the first image: same size, another checksum
+    (shards / "train-000001.tar").write_bytes(bytes(damaged))
+    args = ["--data", str(shards), *DDP_ARGS, "dist_timeout=60"]
+    nodes = two_nodes(["--out", str(tmp_path / "nodes"), *args])
+    assert all(code != 0 for code, _, _ in nodes)
+    errors = "".join(stderr for _, _, stderr in nodes)
+    assert "train-000001.tar does not match its checksum" in errors
+    assert "another torchrun process stopped" in errors, errors[-3000:]
+    assert not (tmp_path / "nodes" / "last.safetensors").exists()
 
 
 def test_progress_in_a_log_is_lines_not_carriage_returns(image_folder, tmp_path):

@@ -156,3 +156,38 @@ def test_training_learns(image_folder, tmp_path):
     )
     assert result.metrics["val_raw_top1"] >= 0.9, result.metrics
     assert result.metrics["val_raw_loss"] < 0.5 * math.log(3), result.metrics
+
+
+def test_resume_from_shards_is_bitwise_and_a_url_trains_as_the_folder(image_folder, tmp_path):
+    """The folder test above, on WebDataset shards: 9 steps over `memory://` with two
+    worker processes equal 4 steps from the local copy, a resume and 5 more, with two
+    lanes in one process (as two torchrun processes would read them)."""
+    import fsspec
+
+    from xception.data.shards import write_shards
+
+    shards = tmp_path / "shards"
+    write_shards(image_folder, shards, shard_size=10, progress=False)
+    memory = fsspec.filesystem("memory")
+    for path in shards.iterdir():
+        memory.pipe(f"/resume-shards/{path.name}", path.read_bytes())
+    options = {"lanes": 2, "shuffle_buffer": 6, "mixup": 0.2}
+    whole = train(
+        config("memory://resume-shards", max_steps=9, workers=2, **options),
+        out=tmp_path / "whole",
+        progress=False,
+    )
+    train(config(shards, max_steps=4, **options), out=tmp_path / "split", progress=False)
+    state = torch.load(tmp_path / "split" / "last.state.pt", weights_only=True)
+    assert [lane["offset"] >= 0 for lane in state["data_cursor"]["lanes"]] == [True, True]
+    resumed = resume(tmp_path / "split", {"max_steps": 9}, progress=False)
+    assert whole.metrics["step"] == resumed.metrics["step"] == 9
+    assert_identical(
+        weights(tmp_path / "whole" / "last.safetensors"),
+        weights(tmp_path / "split" / "last.safetensors"),
+    )
+    write_shards(image_folder, shards, shard_size=10, seed=1, progress=False)  # new order
+    with pytest.raises(ValueError, match=r"the training data is not what last\.safetensors was"):
+        resume(tmp_path / "split", {"max_steps": 10}, progress=False)
+    with pytest.raises(ValueError, match="lanes=3 must divide the batch of a step"):
+        config(shards, lanes=3, batch_size=8)

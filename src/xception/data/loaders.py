@@ -237,7 +237,7 @@ class StreamBatchSampler(EpochSampler):
             raise ValueError(
                 f"the training split has {size} images, fewer than one batch of {global_batch}"
             )
-        self.names = [shard.name for shard in shards.shards]
+        self.shards = shards.shards
         self.counts = np.array([shard.samples for shard in shards.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
         self.seed, self.lanes, self.buffer = seed, lanes, buffer
@@ -278,14 +278,18 @@ class StreamBatchSampler(EpochSampler):
             yield keys
 
     def cursor(self, epoch: int, batch: int) -> dict[str, object]:
-        """Also where each lane reads: the shard, and the offset in it, of its block."""
+        """Also where each lane reads: the shard (name and checksum: a rewritten shard is
+        another data set), and the offset in it, of its block."""
         order, bounds = self._stream(epoch)
         lanes = []
         for lane in range(self.lanes):
             q = batch * self.per_lane // self.buffer * self.buffer
             position = lane * self.lane_length + q
             k = int(np.searchsorted(bounds, position, side="right")) - 1
-            lanes.append({"shard": self.names[order[k]], "offset": int(position - bounds[k])})
+            shard = self.shards[order[k]]
+            lanes.append(
+                {"shard": shard.name, "sha256": shard.sha256, "offset": int(position - bounds[k])}
+            )
         return {**super().cursor(epoch, batch), "buffer": self.buffer, "lanes": lanes}
 
 

@@ -19,11 +19,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from torch.distributed import DistError
-
 from xception.class_report import REPORT_FILES
 from xception.devices import resolve_device
-from xception.distributed import World, barrier, close_world, init_world
+from xception.distributed import World, barrier, close_world, init_world, peer_failed
 from xception.evaluation import per_class
 from xception.files import new_file_mode, write_json, write_text
 from xception.training.checkpoint import pending_files
@@ -206,7 +204,9 @@ def run_in_world(
         result = _run(*start(world))
         barrier(world)  # no rank closes its connections while a peer is in a collective
         return result
-    except DistError as error:
+    except RuntimeError as error:
+        if isinstance(error, TrainingError) or not peer_failed(error, world):
+            raise
         raise TrainingError(
             f"rank {world.rank}: another torchrun process stopped, or did not answer within "
             f"dist_timeout={config.dist_timeout} s, so this one stops too "
