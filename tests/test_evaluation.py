@@ -229,3 +229,33 @@ def test_confusion_and_per_class_results_against_counts_by_hand():
     assert rows[2]["f1"] == pytest.approx(0.8)
     empty = per_class(torch.tensor([[2, 0], [0, 0]]), ["x", "y"])
     assert empty[1]["precision"] == 0 and empty[1]["recall"] is None
+
+
+def test_multi_label_evaluation_streams_map_at_100_as_the_whole_set_scores():
+    """`evaluate` sums per-image AP@100 batch by batch (what ranks all-reduce) and gathers
+    scores only for mAP: its figures equal the metrics of all scores at once."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from xception.data.loaders import Batch
+    from xception.data.transforms import Preprocessing
+    from xception.distributed import World
+    from xception.evaluation import evaluate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
+    targets = (torch.rand(10, 5) < 0.4).float()
+    targets[3] = 0  # an image without labels: undefined, left out of MAP@100
+    batches = [Batch(images[i : i + 4], targets[i : i + 4], []) for i in range(0, 10, 4)]
+    pre = Preprocessing(image_size=4)
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.2, 0.2], dtype=torch.float64)
+    found = evaluate(model, batches, torch.device("cpu"), pre, World(), True, weights).metrics
+    with torch.no_grad():
+        logits = model((images.float() / 127.5 - 1).contiguous())
+    scores = torch.sigmoid(logits)
+    assert found["map100"] == pytest.approx(map_at_k(scores, targets, 100, weights))
+    assert found["map100_unweighted"] == pytest.approx(map_at_k(scores, targets, 100))
+    assert found["map"] == pytest.approx(mean_average_precision(scores, targets))
+    loss = F.binary_cross_entropy_with_logits(logits, targets)
+    assert found["loss"] == pytest.approx(loss.item(), rel=1e-5)

@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model (default: xception_tiny on the built-in data set)",
         description="Train on an image folder (ROOT/train/<class>, ROOT/val/<class>), on "
         "train.csv/val.csv manifests (header path,label: single-label; path,labels: "
-        "multi-label) or, without --data, on the built-in procedurally rendered data set; "
+        "multi-label), on WebDataset shards (`xception shard`; a folder or fsspec URL) "
+        "or, without --data, on the built-in procedurally rendered data set; "
         "from scratch or, with --init-weights, from a weights file. Under torchrun it "
         "trains with DDP. "
         "Options layer as: defaults < --recipe < --config < flags; each option shows "
@@ -460,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="top-1/top-5 (or MAP@100) of a weights file")
     evaluate.add_argument("--weights", required=True)
-    evaluate.add_argument("--data", help="data folder (default: the built-in data set)")
+    evaluate.add_argument(
+        "--data", help="image folder, manifest root or shards (default: the built-in data set)"
+    )
     evaluate.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
     evaluate.add_argument(
         "--allow-nonfinite", action="store_true", help="load NaN/inf weights (for debugging)"
@@ -596,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument(
         "--seeds", type=at_least(1), default=1, help="runs of each arm (default 1)"
     )
-    reproduce.add_argument("--data", help="image folder (default: the built-in data set)")
+    reproduce.add_argument(
+        "--data", help="image folder, manifest root or shards (default: the built-in data set)"
+    )
     reproduce.add_argument("--out", help="folder (default: reproductions/EXPERIMENT-SCALE)")
     reproduce.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
     key_values(reproduce, "--set", "training option for every arm, e.g. epochs=4 workers=0")

@@ -20,6 +20,8 @@ from xception.data.shards import (
     INFO,
     ShardError,
     ShardReader,
+    _plain_members,
+    _tarfile_members,
     open_shards,
     read_samples,
     tar_bytes,
@@ -168,6 +170,19 @@ def test_tar_members_are_grouped_by_key_as_webdataset_does():
     assert samples[0]["1.jpg"] == b"1" and samples[0]["1.cls"] == b"0"
 
 
+def test_the_direct_tar_reader_agrees_with_the_standard_librarys():
+    long = "d" * 120 + "/" + "e" * 90  # a name that needs ustar's prefix field
+    data = tar_bytes([(f"{long}.jpg", b"x" * 700), ("k.cls", b"7"), ("k.jpg", b"")])
+    assert _plain_members(data, "t") == _tarfile_members(data, "t")
+    assert _plain_members(data, "t")[0] == (f"{long}.jpg", 512, 700)
+    with pytest.raises(ShardError, match="is truncated"):
+        read_samples(data[:1500], "t.tar")
+    damaged = bytearray(data)
+    damaged[1] ^= 1  # a header's name byte: its checksum no longer holds
+    with pytest.raises(ShardError, match="fails its checksum"):
+        read_samples(bytes(damaged), "t.tar")
+
+
 # -- bad input: one line, never a hang --------------------------------------------------
 
 
@@ -271,3 +286,37 @@ def test_shards_in_memory_filesystem_train_like_local_ones(shards):
     b = ShardDataset(remote["train"], PRE, train=True, seed=1)
     for index in (0, 17, 47):
         assert torch.equal(a[(2, index)][0], b[(2, index)][0])
+
+
+@pytest.mark.parametrize("multi_label", [False, True], ids=["single-label", "multi-label"])
+def test_eval_on_shards_scores_as_on_the_files(image_folder, tmp_path, multi_label):
+    """The same images through shards and through files: the same metrics (multi-label:
+    a manifest with a second, derived label, sharded into KEY.labels)."""
+    data = image_folder
+    classes = ["blue", "green", "red"]
+    if multi_label:
+        data = shutil.copytree(image_folder, tmp_path / "manifest")
+        for split in ("train", "val"):
+            tone = {"red": "warm", "green": "cool", "blue": "cool"}
+            rows = ["path,labels"] + [
+                f"{p.relative_to(data)},{p.parent.name};{tone[p.parent.name]}"
+                for p in sorted((data / split).rglob("*.png"))
+            ]
+            (data / f"{split}.csv").write_text("\n".join(rows) + "\n")
+        classes = ["blue", "cool", "green", "red", "warm"]
+    result = write_shards(data, tmp_path / "shards", shard_size=7, progress=False)
+    assert result.info["classes"] == classes and result.info["multi_label"] == multi_label
+    if multi_label:
+        assert result.info["splits"]["train"]["class_counts"] == [16, 32, 16, 16, 16]
+        assert b"1;2" in (tmp_path / "shards" / "train-000000.tar").read_bytes()  # cool;green
+    weights = tmp_path / "w.safetensors"
+    torch.manual_seed(0)
+    model = xception.create_model("xception_tiny", num_classes=len(classes))
+    meta = {"classes": classes, "preprocessing": dataclasses.asdict(Preprocessing(72))}
+    write_weights(weights, model, "xception_tiny", {**meta, "multi_label": multi_label})
+    files = xception.evaluate(weights, data, workers=0, device="cpu")
+    shards = xception.evaluate(weights, tmp_path / "shards", workers=0, device="cpu")
+    assert files["images"] == shards["images"] == 18
+    for key in ("top1", "top5", "map100", "map100_unweighted", "map", "loss"):
+        if key in files:
+            assert shards[key] == pytest.approx(files[key], rel=1e-6), key

@@ -43,6 +43,8 @@ FORMAT = "webdataset"
 # WebDataset's rule: the key is the path up to the first dot of the file name.
 MEMBER_NAME = re.compile(r"^((?:.*/)?[^./]+)\.([^/]+)$")
 KEY_DIGITS = 10
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
 
 
 class ShardError(ValueError):
@@ -213,21 +215,54 @@ class ShardReader:
 def read_samples(data: bytes, where: str) -> list[dict[str, bytes]]:
     """A tar's samples as WebDataset groups them: adjacent members sharing a key, each a
     mapping of extension (lower case) to bytes, plus ``__key__``."""
+    members = _plain_members(data, where)
+    if members is None:  # pax or GNU extended headers: the standard library reads those
+        members = _tarfile_members(data, where)
     samples: list[dict[str, bytes]] = []
+    for name, start, size in members:
+        match = MEMBER_NAME.match(name)
+        if match is None:
+            continue
+        key, ext = match.group(1).encode(), match.group(2).lower()
+        if not samples or samples[-1]["__key__"] != key:
+            samples.append({"__key__": key})
+        samples[-1][ext] = data[start : start + size]
+    return samples
+
+
+def _plain_members(data: bytes, where: str) -> list[tuple[str, int, int]] | None:
+    """(name, data offset, size) of each regular file of a tar of plain ustar/v7 headers,
+    read directly: ``tarfile`` spends ~70 us a member, a third of decoding a small image.
+    None when the tar has extended headers (pax, GNU long names)."""
+    members, position = [], 0
+    while position + BLOCK <= len(data):
+        header = data[position : position + BLOCK]
+        if header == ZERO_BLOCK:
+            return members
+        kind = header[156:157]
+        stored = header[148:156].strip(b"\0 ")
+        if kind in b"xgLK" or header[124] & 0x80 or not stored.isdigit():
+            return None
+        if int(stored, 8) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise ShardError(f"{where}: a tar header at byte {position} fails its checksum")
+        size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar" and header[345] != 0:
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        if position + BLOCK + size > len(data):
+            raise ShardError(f"{where} is truncated (a member runs past its end)")
+        if kind in (b"0", b"\0"):
+            members.append((name.decode("utf-8", "replace"), position + BLOCK, size))
+        position += BLOCK + -(-size // BLOCK) * BLOCK
+    raise ShardError(f"{where} is truncated (no end-of-archive blocks)")
+
+
+def _tarfile_members(data: bytes, where: str) -> list[tuple[str, int, int]]:
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                match = MEMBER_NAME.match(member.name)
-                if not member.isfile() or match is None:
-                    continue
-                key, ext = match.group(1), match.group(2).lower()
-                if not samples or samples[-1]["__key__"] != key.encode():
-                    samples.append({"__key__": key.encode()})
-                start = member.offset_data
-                samples[-1][ext] = data[start : start + member.size]
+            return [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
     except tarfile.TarError as error:
         raise ShardError(f"{where} is not a readable tar file ({error})") from None
-    return samples
 
 
 def _labels(members: dict[str, bytes], classes: int) -> tuple[int, ...] | None:
