@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from xception.benchmarking import BenchConfig, format_table, run, to_json
+from xception.benchmarking import BenchConfig, cpu_peak_memory_mb, format_table, run, to_json
 from xception.cli import main
 
 SMALL = BenchConfig(batch_size=2, image_size=71, warmup=1, rounds=3, iterations=1)
@@ -62,11 +62,10 @@ def test_bench_command_prints_the_table_and_writes_json(tmp_path, capsys):
 
 def test_cpu_peak_memory_grows_with_the_batch():
     # A training step's activations scale with the batch: 16x the images must raise the
-    # peak by clearly more (each figure from its own fresh process).
+    # peak by clearly more (each figure from its own fresh process, as --memory takes them).
     def peak(batch):
         config = BenchConfig(mode="train", batch_size=batch, image_size=71, rounds=1, memory=True)
-        (result,) = run(["ours"], "xception_tiny", config)
-        return result.peak_memory_mb
+        return cpu_peak_memory_mb("ours", "xception_tiny", config)
 
     small, large = peak(2), peak(32)
     assert small >= 0 and large > small + 20
