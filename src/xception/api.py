@@ -9,6 +9,7 @@ the command line parses, calls these and prints.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -88,6 +89,8 @@ def predict(
     cam_class: str | None = None,
     cam_layer: str | None = None,
     allow_nonfinite: bool = False,
+    precision: str = "fp32",
+    calibrate: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     """``xception predict``: the top-k classes of each image, as rows
     ``{"path", "predictions": [{"class", "probability"}, ...]}`` (or ``"error"`` for an
@@ -95,13 +98,17 @@ def predict(
     tensors (a NCHW tensor is a batch of them); ``weights`` a weights file or an ONNX
     export. For many calls, keep a ``Predictor.load(weights)`` instead. ``cam`` is a folder
     for a Grad-CAM overlay of each image (of ``cam_class``, default the top class, at
-    ``cam_layer``, default the model's last feature maps); rows name their file."""
+    ``cam_layer``, default the model's last feature maps); rows name their file.
+    ``precision``: fp32, bf16 or int8 (quantized on the images of the folder
+    ``calibrate``; see ``xception.precision``)."""
     if isinstance(images, str | Path | Image.Image):
         images = [images]
     elif isinstance(images, torch.Tensor):
         images = list(images) if images.ndim == 4 else [images]
     request = CamRequest(Path(cam), cam_class, cam_layer) if cam is not None else None
-    predictor = Predictor.load(weights, raw, device, amp, channels_last, allow_nonfinite)
+    predictor = Predictor.load(
+        weights, raw, device, amp, channels_last, allow_nonfinite, precision, calibrate
+    )
     return predictor.predict(images, top_k, cam=request)
 
 
@@ -113,17 +120,30 @@ def export(
     dynamic_size: bool = False,
     raw: bool = False,
     overwrite: bool = False,
+    quantize: Literal["int8"] | None = None,
+    calibrate: str | Path | None = None,
 ) -> Path:
     """``xception export``: an ONNX graph or a ``torch.export`` program of a weights file,
-    carrying its class names and preprocessing."""
-    from xception.exporting import export_onnx, export_program
+    carrying its class names and preprocessing. ``quantize="int8"``: an ONNX graph
+    quantized to int8 (QDQ) on the images of the folder ``calibrate``."""
+    from xception.exporting import export_onnx, export_program, quantize_onnx
 
+    if quantize not in (None, "int8"):
+        raise ValueError(f"--quantize {quantize!r}: only int8 is offered")
+    if (quantize is None) != (calibrate is None):
+        raise ValueError("--quantize int8 and --calibrate DIR go together")
+    if quantize is not None and format != "onnx":
+        raise ValueError("--quantize int8 writes ONNX: use --format onnx")
     out = _new_file(out, overwrite)
-    if format == "onnx":
-        return export_onnx(Path(weights), out, dynamic_size=dynamic_size, raw=raw)
     if format == "torch-export":
         return export_program(Path(weights), out, raw=raw)
-    raise ValueError(f"format={format!r} is not 'onnx' or 'torch-export'")
+    if format != "onnx":
+        raise ValueError(f"format={format!r} is not 'onnx' or 'torch-export'")
+    if quantize is None:
+        return export_onnx(Path(weights), out, dynamic_size=dynamic_size, raw=raw)
+    with tempfile.TemporaryDirectory(prefix="xception-export-") as work:
+        fp32 = export_onnx(Path(weights), Path(work) / "fp32.onnx", dynamic_size, raw)
+        return quantize_onnx(fp32, out, calibrate or "")
 
 
 def convert(

@@ -20,6 +20,7 @@ from xception.class_report import LEGIBLE_CLASSES, format_table
 from xception.config import choices
 from xception.devices import AMP_CHOICES, DEVICE_HELP, check_device_name
 from xception.files import NoSpaceError
+from xception.precision import PRECISIONS
 from xception.registry import create_model, get_entry, list_models
 from xception.runtime import keep_freed_memory
 from xception.summary import count_macs, format_summary, summarize
@@ -100,6 +101,19 @@ def key_value_dict(groups: list[list[str]] | None) -> dict[str, str]:
 def key_values(parser: Any, flag: str, help: str) -> None:
     """A repeatable ``--flag KEY=VALUE ...`` option (see ``parse_override``)."""
     parser.add_argument(flag, nargs="+", action="append", metavar="KEY=VALUE", help=help)
+
+
+def add_precision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default); bf16 (autocast: fast on CPUs with AVX-512 BF16 or AMX, and "
+        "on GPUs); int8 (CPU, onnxruntime, quantized on --calibrate's images)",
+    )
+    parser.add_argument(
+        "--calibrate", metavar="DIR", help="int8: a folder of a few hundred typical images"
+    )
 
 
 def add_hardware(parser: argparse.ArgumentParser, amp: bool = True) -> None:
@@ -260,6 +274,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         report_dir=args.report,
         overwrite=args.overwrite,
         allow_nonfinite=args.allow_nonfinite,
+        precision=args.precision,
+        calibrate=args.calibrate,
     )
     rows = metrics.pop("per_class", None)
     for key, value in metrics.items():
@@ -276,7 +292,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     keep_freed_memory()
     predictor = api.Predictor.load(
-        args.weights, args.raw, args.device, args.amp, args.channels_last, args.allow_nonfinite
+        args.weights,
+        args.raw,
+        args.device,
+        args.amp,
+        args.channels_last,
+        args.allow_nonfinite,
+        args.precision,
+        args.calibrate,
     )
     cam = CamRequest(Path(args.cam), args.cam_class, args.cam_layer) if args.cam else None
     if cam is None and (args.cam_class or args.cam_layer):
@@ -322,6 +345,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         dynamic_size=args.dynamic_size,
         raw=args.raw,
         overwrite=args.overwrite,
+        quantize=args.quantize,
+        calibrate=args.calibrate,
     )
     print(f"wrote {out}")
 
@@ -471,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=at_least(1), default=128)
     evaluate.add_argument("--workers", type=at_least(0), default=2, help="data loading processes")
     add_hardware(evaluate)
+    add_precision(evaluate)
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics here")
     evaluate.add_argument(
         "--report",
@@ -502,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. Xception's last separable unit)",
     )
     add_hardware(predict)
+    add_precision(predict)
     predict.set_defaults(run=cmd_predict)
 
     shard = commands.add_parser(
@@ -546,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX: dynamic height and width too (batch is always dynamic)",
     )
     export.add_argument("--raw", action="store_true", help="raw instead of averaged weights")
+    export.add_argument(
+        "--quantize", choices=("int8",), help="ONNX quantized to int8 (QDQ), for onnxruntime"
+    )
+    export.add_argument(
+        "--calibrate", metavar="DIR", help="with --quantize: a folder of a few hundred images"
+    )
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(run=cmd_export)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +142,56 @@ def export_onnx(
     return out
 
 
+def quantize_onnx(fp32: Path, out: Path, calibrate: str | Path) -> Path:
+    """Post-training static int8 quantization of an export of ours with onnxruntime: QDQ
+    format (what TensorRT, OpenVINO and mobile runtimes take), per-channel int8 weights,
+    uint8 activations whose ranges come from ``calibrate``'s images (MinMax), and 7-bit
+    weights (``reduce_range``), which CPUs without VNNI need to avoid overflow in their
+    int8 dot products. The metadata of the fp32 export is kept, with the precision."""
+    from xception.precision import calibration_batches
+
+    onnx, _ = _require("onnx", "onnxruntime")
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source = onnx.load(str(fp32))
+    props = {prop.key: prop.value for prop in source.metadata_props}
+    pre = Preprocessing(**json.loads(props[PREFIX + "preprocessing"]))
+
+    class Images(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = calibration_batches(calibrate, pre)
+
+        def get_next(self) -> dict[str, Any] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT: batch}
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="xception-quantize-") as work:
+        prepared = Path(work) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        staged = Path(work) / "int8.onnx"
+        quantize_static(
+            str(prepared),
+            str(staged),
+            Images(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+        proto = onnx.load(str(staged))
+        onnx.helper.set_model_props(proto, {**props, PREFIX + "precision": json.dumps("int8")})
+        atomic_write(out, lambda tmp: onnx.save_model(proto, tmp, format="protobuf"))
+    return out
+
+
 def load_onnx_session(path: Path) -> tuple[onnxruntime.InferenceSession, dict[str, Any]]:
     """An onnxruntime session on the best available provider, and the embedded metadata."""
     (ort,) = _require("onnxruntime")
@@ -159,13 +210,25 @@ def load_onnx_session(path: Path) -> tuple[onnxruntime.InferenceSession, dict[st
     return session, metadata
 
 
+class OnnxModel(nn.Module):
+    """An onnxruntime session of one of our exports as a module: normalised float NCHW in,
+    float32 logits out (on the CPU), so evaluation and prediction run it as any model."""
+
+    def __init__(self, session: onnxruntime.InferenceSession) -> None:
+        super().__init__()
+        self.session = session
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = x.detach().float().contiguous().cpu().numpy()
+        (logits,) = self.session.run([OUTPUT], {INPUT: images})
+        return torch.from_numpy(logits)
+
+
 def predict_onnx_batch(
     session: onnxruntime.InferenceSession, images_uint8: torch.Tensor, pre: Preprocessing
 ) -> torch.Tensor:
     """Logits of a uint8 NCHW batch, normalised exactly as ``xception predict`` does."""
-    images = normalize(images_uint8.cpu(), pre, torch.float32).numpy()
-    (logits,) = session.run([OUTPUT], {INPUT: images})
-    return torch.from_numpy(logits)
+    return OnnxModel(session)(normalize(images_uint8.cpu(), pre, torch.float32))
 
 
 def export_program(weights: Path, out: Path, raw: bool = False) -> Path:

@@ -40,9 +40,11 @@ from xception.data.transforms import (
 from xception.devices import autocast, model_input, resolve_device
 from xception.distributed import World
 from xception.evaluation import class_frequencies, evaluate, per_class
+from xception.exporting import OnnxModel, load_onnx_session
 from xception.files import atomic_write, write_json
 from xception.fusion import inference_model
 from xception.gradcam import gradcam, overlay, target_layer
+from xception.precision import check_precision, int8_session
 from xception.registry import load_model
 from xception.weights import read_metadata
 
@@ -117,17 +119,36 @@ class Predictor:
         amp: str = "none",
         channels_last: bool = True,
         allow_nonfinite: bool = False,
+        precision: str = "fp32",
+        calibrate: str | Path | None = None,
     ) -> Predictor:
+        """``precision``: fp32, bf16 (autocast, as ``amp="bf16"``) or int8 (onnxruntime,
+        quantized on the images of the folder ``calibrate``): see ``xception.precision``."""
         weights = Path(weights).expanduser()
-        if weights.suffix == ".onnx":
-            from xception.exporting import load_onnx_session
-
-            if raw or amp != "none":
-                raise ValueError("--raw and --amp apply to weight files, not ONNX exports")
-            session, metadata = load_onnx_session(weights)
+        target = resolve_device(device) if weights.suffix != ".onnx" else torch.device("cpu")
+        check_precision(precision, target, calibrate)
+        if precision == "bf16":
+            if amp not in ("none", "bf16"):
+                raise ValueError(f"--precision bf16 and --amp {amp} disagree: give one")
+            amp = "bf16"
+        if weights.suffix == ".onnx" or precision == "int8":
+            if (raw and weights.suffix == ".onnx") or amp != "none":
+                raise ValueError(
+                    "--raw and --amp apply to weight files run by PyTorch, not to ONNX exports "
+                    "or --precision int8"
+                )
+            if weights.suffix == ".onnx" and precision != "fp32":
+                raise ValueError(
+                    "an ONNX export runs as it was exported; quantize with "
+                    "`xception export --format onnx --quantize int8 --calibrate DIR`"
+                )
+            if precision == "int8":
+                session, metadata = int8_session(weights, calibrate or "", raw)
+            else:
+                session, metadata = load_onnx_session(weights)
             pre = read_preprocessing(metadata, weights)
-            return cls(weights, metadata, pre, session, torch.device("cpu"))
-        target = resolve_device(device)
+            model = OnnxModel(session)
+            return cls(weights, metadata, pre, model, target, channels_last=False, raw=raw)
         model, metadata = load_model(weights, raw, allow_nonfinite)
         if not metadata.get("classes") or model.num_classes == 0:
             raise ValueError(
@@ -149,10 +170,6 @@ class Predictor:
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """float32 logits of a uint8 NCHW batch at the preprocessing's size."""
-        if not isinstance(self.model, torch.nn.Module):
-            from xception.exporting import predict_onnx_batch
-
-            return predict_onnx_batch(self.model, images, self.pre)
         x = model_input(images, self.pre, self.device, self.channels_last)
         with autocast(self.device, self.amp):
             return self.model(x).float()
@@ -190,8 +207,8 @@ class Predictor:
     def _explainer(self, cam: CamRequest) -> Callable[[str, torch.Tensor], Path]:
         """A function (name, uint8 image) -> the overlay written for it. Grad-CAM runs the
         eager model (the fast path's folded layers have no separate maps to weigh)."""
-        if not isinstance(self.model, torch.nn.Module):
-            raise ValueError("--cam explains weight files, not ONNX exports")
+        if isinstance(self.model, OnnxModel):
+            raise ValueError("--cam explains weight files run by PyTorch, not ONNX or int8")
         index = None
         if cam.class_name is not None:
             if cam.class_name not in self.classes:
@@ -280,12 +297,15 @@ def evaluate_weights(
     report_dir: str | Path | None = None,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
+    precision: str = "fp32",
+    calibrate: str | Path | None = None,
 ) -> dict[str, Any]:
     """``xception eval``: top-1/top-5 and per-class precision, recall and F1 (or MAP@100 on
     multi-label data) of a weights file on the val split of ``data`` (default: the
-    built-in data set it was trained on). Also written to ``json_path`` when given (never
-    over an existing file unless ``overwrite``); ``report_dir`` receives the per-class
-    results and the confusion matrix as CSV and PNG."""
+    built-in data set it was trained on), at ``precision`` (``Predictor.load``). Also
+    written to ``json_path`` when given (never over an existing file unless
+    ``overwrite``); ``report_dir`` receives the per-class results and the confusion matrix
+    as CSV and PNG."""
     if json_path is not None and Path(json_path).exists() and not overwrite:
         raise FileExistsError(f"{json_path} exists; pass --overwrite or choose another --json path")
     if report_dir is not None and not overwrite:
@@ -295,7 +315,9 @@ def evaluate_weights(
     weights = Path(weights)
     if weights.suffix == ".onnx":
         raise ValueError(f"eval scores weight files; run the ONNX export {weights} with predict")
-    predictor = Predictor.load(weights, raw, device, amp, channels_last, allow_nonfinite)
+    predictor = Predictor.load(
+        weights, raw, device, amp, channels_last, allow_nonfinite, precision, calibrate
+    )
     metadata = predictor.metadata
     splits = open_data(_data_root(data, metadata, weights))
     classes = list(splits["val"].classes)
@@ -324,8 +346,8 @@ def evaluate_weights(
         World(),
         multi_label,
         weights_per_class,
-        channels_last,
-        amp,
+        predictor.channels_last,
+        predictor.amp,
         len(classes),
     )
     scored = len(splits["val"]) > len(found.skipped)  # else the loss is NaN for want of images
@@ -337,6 +359,7 @@ def evaluate_weights(
     result: dict[str, Any] = {
         "weights": str(weights),
         "variant": variant(metadata, raw),
+        "precision": precision,
         "images": len(splits["val"]) - len(found.skipped),
         **found.metrics,
         "skipped_files": found.skipped,
