@@ -23,6 +23,7 @@ from torch import nn
 
 from xception.devices import Amp, autocast, synchronize
 from xception.fusion import inference_model
+from xception.precision import cpu_features
 from xception.registry import create_model
 from xception.runtime import compile_for_training, keep_freed_memory
 
@@ -122,7 +123,10 @@ def contender(
     train`` runs by default) and ``ours-compiled`` the same under ``torch.compile``;
     ``onnxruntime`` runs our ONNX export.
     """
-    if spec in ("ours-fused", "onnxruntime") and config.mode != "inference":
+    if (
+        spec in ("ours-fused", "ours-bf16", "ours-int8", "onnxruntime")
+        and config.mode != "inference"
+    ):
         raise ValueError(f"{spec} is an inference contender")
     if spec == "ours":
         model = prepare_model(create_model(model_name), config, device)
@@ -131,6 +135,9 @@ def contender(
         fastest = replace(config, channels_last=True, compile=spec == "ours-compiled")
         model = prepare_model(create_model(model_name), fastest, device)
         return torch_step(model, fastest, device, channels_last=True)
+    if spec == "ours-bf16":  # --precision bf16: the fast path under autocast
+        fast = inference_model(create_model(model_name).to(device), channels_last=True)
+        return torch_step(fast, replace(config, amp="bf16"), device, channels_last=True)
     if spec in ("ours-fast", "ours-compiled", "ours-fused"):
         fast = inference_model(
             create_model(model_name).to(device),
@@ -147,16 +154,18 @@ def contender(
         model = timm.create_model(spec.removeprefix("timm:"), pretrained=False)
         model = prepare_model(model, config, device)
         return torch_step(model, config, device, config.channels_last)
-    if spec == "onnxruntime":
-        return _onnxruntime_step(model_name, config)
+    if spec in ("onnxruntime", "ours-int8"):
+        return _onnxruntime_step(model_name, config, int8=spec == "ours-int8")
     raise ValueError(
-        f"unknown contender {spec!r}: ours, ours-fast, ours-compiled, ours-fused, timm:NAME "
-        "or onnxruntime"
+        f"unknown contender {spec!r}: ours, ours-fast, ours-compiled, ours-fused, ours-bf16, "
+        "ours-int8, timm:NAME or onnxruntime"
     )
 
 
-def _onnxruntime_step(model_name: str, config: BenchConfig) -> Callable[[], None]:
-    from xception.exporting import export_onnx, load_onnx_session
+def _onnxruntime_step(model_name: str, config: BenchConfig, int8: bool) -> Callable[[], None]:
+    """Our ONNX export in onnxruntime; ``int8``: quantized as ``--precision int8`` does
+    (calibrated on random images: ranges matter for accuracy, not for speed)."""
+    from xception.exporting import export_onnx, load_onnx_session, quantize_onnx
     from xception.weights import save_weights
 
     folder = Path(tempfile.mkdtemp(prefix="xception-bench-"))
@@ -166,8 +175,14 @@ def _onnxruntime_step(model_name: str, config: BenchConfig) -> Callable[[], None
         "preprocessing": {"image_size": config.image_size},
     }
     save_weights(model, folder / "w.safetensors", model_name, metadata)
-    export_onnx(folder / "w.safetensors", folder / "m.onnx")
-    session, _ = load_onnx_session(folder / "m.onnx")
+    path = export_onnx(folder / "w.safetensors", folder / "m.onnx")
+    if int8:
+        size = (8, 3, config.image_size, config.image_size)
+        batches = [
+            torch.randn(size, generator=torch.Generator().manual_seed(i)).numpy() for i in range(4)
+        ]
+        path = quantize_onnx(path, folder / "int8.onnx", batches)
+    session, _ = load_onnx_session(path)
     x = torch.randn(config.batch_size, 3, config.image_size, config.image_size).numpy()
     name = session.get_inputs()[0].name
     return lambda: session.run(None, {name: x})
@@ -289,6 +304,7 @@ def to_json(
         "config": config.__dict__,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        **cpu_features(),
         "results": [
             {
                 "name": r.name,

@@ -588,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Contenders: ours (eager), ours-fast (inference: BN folded, channels_last; "
         "training: channels_last, as `train` runs), ours-compiled (the same compiled), "
         "ours-fused (inference: separable units as one Triton kernel on GPUs), "
+        "ours-bf16 (--precision bf16), ours-int8 (--precision int8: our export quantized, in "
+        "onnxruntime), "
         "timm:NAME (needs timm), onnxruntime (our ONNX export). The first is the baseline.",
     )
     bench.add_argument("model", nargs="?", default="xception")
@@ -596,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--contender",
         action="append",
         metavar="SPEC",
-        help="ours, ours-fast, ours-compiled, ours-fused, timm:NAME, onnxruntime (repeatable)",
+        help="ours, ours-fast, ours-compiled, ours-fused, ours-bf16, ours-int8, timm:NAME, "
+        "onnxruntime (repeatable)",
     )
     bench.add_argument(
         "--reference",

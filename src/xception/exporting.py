@@ -13,6 +13,7 @@ import importlib
 import json
 import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -142,10 +143,11 @@ def export_onnx(
     return out
 
 
-def quantize_onnx(fp32: Path, out: Path, calibrate: str | Path) -> Path:
+def quantize_onnx(fp32: Path, out: Path, calibrate: str | Path | Iterable[Any]) -> Path:
     """Post-training static int8 quantization of an export of ours with onnxruntime: QDQ
     format (what TensorRT, OpenVINO and mobile runtimes take), per-channel int8 weights,
-    uint8 activations whose ranges come from ``calibrate``'s images (MinMax), and 7-bit
+    uint8 activations whose ranges come from ``calibrate``'s images (a folder, or
+    normalised float32 NCHW batches; MinMax), and 7-bit
     weights (``reduce_range``), which CPUs without VNNI need to avoid overflow in their
     int8 dot products. The metadata of the fp32 export is kept, with the precision."""
     from xception.precision import calibration_batches
@@ -165,7 +167,8 @@ def quantize_onnx(fp32: Path, out: Path, calibrate: str | Path) -> Path:
 
     class Images(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = calibration_batches(calibrate, pre)
+            from_folder = isinstance(calibrate, str | Path)
+            self.batches = iter(calibration_batches(calibrate, pre) if from_folder else calibrate)
 
         def get_next(self) -> dict[str, Any] | None:
             batch = next(self.batches, None)
