@@ -239,57 +239,56 @@ class StreamBatchSampler(EpochSampler):
             )
         self.shards = shards.shards
         self.counts = np.array([shard.samples for shard in shards.shards], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        self.starts = np.array(shards.starts()[:-1], dtype=np.int64)
         self.seed, self.lanes, self.buffer = seed, lanes, buffer
         self.steps = size // global_batch
         self.per_lane = global_batch // lanes
         self.lane_length = self.steps * self.per_lane
         self.mine = range(rank * lanes // world, (rank + 1) * lanes // world)
 
-    def _stream(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's shard order and where each of its shards starts in the stream."""
+    def _locate(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For positions of the epoch's stream: the shard each is in and the offset in it.
+        Each epoch, the shards come in a seeded random order."""
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.counts))
-        return order, np.concatenate([[0], np.cumsum(self.counts[order])])
+        bounds = np.concatenate([[0], np.cumsum(self.counts[order])])
+        k = np.searchsorted(bounds, positions, side="right") - 1
+        return order[k], positions - bounds[k]
 
-    def _block(self, epoch: int, lane: int, block: int) -> np.ndarray:
-        length = min(self.buffer, self.lane_length - block * self.buffer)
-        rng = np.random.default_rng([self.seed, epoch, lane, block, 1])
-        return block * self.buffer + rng.permutation(length)
-
-    def _sample(self, order: np.ndarray, bounds: np.ndarray, position: int) -> int:
-        """The index (in the split's own order) of the sample at ``position`` of the stream."""
-        k = int(np.searchsorted(bounds, position, side="right")) - 1
-        return int(self.starts[order[k]] + position - bounds[k])
+    def _lane_positions(self, epoch: int, lane: int, q: np.ndarray) -> np.ndarray:
+        """Stream positions of a lane's samples ``q`` after its block shuffle: block
+        ``q // buffer`` is permuted by a generator of (seed, epoch, lane, block)."""
+        shuffled = q.copy()
+        for block in np.unique(q // self.buffer):
+            length = min(self.buffer, self.lane_length - block * self.buffer)
+            rng = np.random.default_rng([self.seed, epoch, lane, int(block), 1])
+            inside = q // self.buffer == block
+            shuffled[inside] = (
+                block * self.buffer + rng.permutation(length)[q[inside] % self.buffer]
+            )
+        return lane * self.lane_length + shuffled
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch = self.epoch
-        order, bounds = self._stream(epoch)
-        blocks: dict[int, tuple[int, np.ndarray]] = {}
         for b in range(self.start_batch, self.steps):
-            keys = []
-            for lane in self.mine:
-                for q in range(b * self.per_lane, (b + 1) * self.per_lane):
-                    block = q // self.buffer
-                    if blocks.get(lane, (-1,))[0] != block:
-                        blocks[lane] = (block, self._block(epoch, lane, block))
-                    shuffled = int(blocks[lane][1][q - block * self.buffer])
-                    position = lane * self.lane_length + shuffled
-                    keys.append((epoch, self._sample(order, bounds, position)))
-            yield keys
+            q = np.arange(b * self.per_lane, (b + 1) * self.per_lane)
+            positions = np.concatenate([self._lane_positions(epoch, j, q) for j in self.mine])
+            shard, offset = self._locate(epoch, positions)
+            yield [(epoch, int(i)) for i in self.starts[shard] + offset]
 
     def cursor(self, epoch: int, batch: int) -> dict[str, object]:
         """Also where each lane reads: the shard (name and checksum: a rewritten shard is
         another data set), and the offset in it, of its block."""
-        order, bounds = self._stream(epoch)
-        lanes = []
-        for lane in range(self.lanes):
-            q = batch * self.per_lane // self.buffer * self.buffer
-            position = lane * self.lane_length + q
-            k = int(np.searchsorted(bounds, position, side="right")) - 1
-            shard = self.shards[order[k]]
-            lanes.append(
-                {"shard": shard.name, "sha256": shard.sha256, "offset": int(position - bounds[k])}
-            )
+        block_start = batch * self.per_lane // self.buffer * self.buffer
+        positions = np.arange(self.lanes) * self.lane_length + block_start
+        shards, offsets = self._locate(epoch, positions)
+        lanes = [
+            {
+                "shard": self.shards[k].name,
+                "sha256": self.shards[k].sha256,
+                "offset": int(offset),
+            }
+            for k, offset in zip(shards, offsets, strict=True)
+        ]
         return {**super().cursor(epoch, batch), "buffer": self.buffer, "lanes": lanes}
 
 

@@ -76,6 +76,10 @@ class ShardSplit:
     def class_counts(self) -> tuple[int, ...]:
         return self.counts
 
+    def starts(self) -> list[int]:
+        """The index of each shard's first sample, and the split's size last."""
+        return np.cumsum([0] + [shard.samples for shard in self.shards]).tolist()
+
     def label_matrix(self) -> torch.Tensor:
         """(images, classes) 0/1 matrix of the labels. It reads every shard of the split:
         for a validation split, never for training's bookkeeping."""
@@ -173,9 +177,10 @@ class ShardReader:
 
     def __init__(self, split: ShardSplit, capacity: int = 2) -> None:
         self.split, self.capacity = split, capacity
-        self.starts = np.cumsum([0] + [s.samples for s in split.shards]).tolist()
+        self.starts = split.starts()
         self.cache: OrderedDict[int, list[dict[str, bytes]]] = OrderedDict()
-        self.fs: Any = None
+        self.fs: Any = None  # opened on first use: in the worker process, not before the fork
+        self.path = ""
 
     def sample(self, index: int) -> Sample:
         shard = bisect.bisect_right(self.starts, index) - 1
@@ -191,10 +196,10 @@ class ShardReader:
             return self.cache[shard]
         info = self.split.shards[shard]
         if self.fs is None:
-            self.fs = filesystem(self.split.root)[0]
+            self.fs, self.path = filesystem(self.split.root)
         where = f"{self.split.root}/{info.name}"
         try:
-            with self.fs.open(filesystem(where)[1], "rb") as f:
+            with self.fs.open(f"{self.path}/{info.name}", "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             raise ShardError(f"{where} is missing ({INFO} lists it)") from None
