@@ -9,7 +9,6 @@ the command line parses, calls these and prints.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -126,7 +125,7 @@ def export(
     """``xception export``: an ONNX graph or a ``torch.export`` program of a weights file,
     carrying its class names and preprocessing. ``quantize="int8"``: an ONNX graph
     quantized to int8 (QDQ) on the images of the folder ``calibrate``."""
-    from xception.exporting import export_onnx, export_program, quantize_onnx
+    from xception.exporting import export_int8, export_onnx, export_program
 
     if quantize not in (None, "int8"):
         raise ValueError(f"--quantize {quantize!r}: only int8 is offered")
@@ -141,9 +140,7 @@ def export(
         raise ValueError(f"format={format!r} is not 'onnx' or 'torch-export'")
     if quantize is None:
         return export_onnx(Path(weights), out, dynamic_size=dynamic_size, raw=raw)
-    with tempfile.TemporaryDirectory(prefix="xception-export-") as work:
-        fp32 = export_onnx(Path(weights), Path(work) / "fp32.onnx", dynamic_size, raw)
-        return quantize_onnx(fp32, out, calibrate or "")
+    return export_int8(Path(weights), out, calibrate or "", dynamic_size, raw)
 
 
 def convert(

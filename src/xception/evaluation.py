@@ -281,9 +281,9 @@ def evaluate(
     confusion = ConfusionMatrix(num_classes, device) if num_classes and not multi_label else None
     scores, targets, skipped = [], [], []
     dtype = accumulator_dtype(device)
-    loss_sum = torch.zeros((), dtype=dtype, device=device)
-    # per-image AP@100 sums and counts (class-weighted, then unweighted): MAP@100 streams
-    map_sums = torch.zeros(4, dtype=dtype, device=device)
+    # multi-label: per-image AP@100 sums and counts (class-weighted, then unweighted), the
+    # loss sum and the images; MAP@100 streams, and one all-reduce settles all of it
+    sums = torch.zeros(6, dtype=dtype, device=device)
     for batch in loader:
         skipped += batch.skipped
         if batch.images.shape[0] == 0:
@@ -293,12 +293,13 @@ def evaluate(
         with autocast(device, amp):
             logits = model(x).float()
         if multi_label:
-            loss_sum += F.binary_cross_entropy_with_logits(logits, y, reduction="sum") / y.shape[1]
+            sums[4] += F.binary_cross_entropy_with_logits(logits, y, reduction="sum") / y.shape[1]
+            sums[5] += y.shape[0]
             probabilities = torch.sigmoid(logits)
             for j, weights in enumerate((class_weights, None)):
                 ap = average_precision_at_k(probabilities, y, 100, weights)
-                map_sums[2 * j] += ap.nan_to_num().sum().to(dtype)
-                map_sums[2 * j + 1] += (~ap.isnan()).sum().to(dtype)
+                sums[2 * j] += ap.nan_to_num().sum().to(dtype)
+                sums[2 * j + 1] += (~ap.isnan()).sum().to(dtype)
             scores.append(probabilities)
             targets.append(y)
         else:
@@ -310,7 +311,7 @@ def evaluate(
         metrics = ClassificationMeter.compute_from(all_reduce_sum(meter.state(), world))
         counts = all_reduce_sum(confusion.counts, world).cpu() if confusion is not None else None
         return Evaluation(metrics, skipped, counts)
-    weighted, defined, plain, images = all_reduce_sum(map_sums, world).tolist()
+    weighted, defined, plain, images, loss, total = all_reduce_sum(sums, world).tolist()
     if not defined or not images:
         raise ValueError("no image has a positive label of positive weight")
     # mAP ranks every image per class: rank 0 alone gathers the scores, and shares the value
@@ -318,15 +319,11 @@ def evaluate(
     value = torch.zeros((), dtype=dtype, device=device)
     if world.is_main:
         value += mean_average_precision(gathered[0].cpu(), gathered[1].cpu())
-    total = sum(int(t.shape[0]) for t in targets)
     metrics = {
         "map100": weighted / defined,
         "map100_unweighted": plain / images,
         "map": all_reduce_sum(value, world).item(),
-        "loss": (
-            all_reduce_sum(loss_sum, world)
-            / all_reduce_sum(torch.tensor(float(total), dtype=dtype, device=device), world)
-        ).item(),
+        "loss": loss / total,
     }
     return Evaluation(metrics, skipped)
 

@@ -195,6 +195,19 @@ def quantize_onnx(fp32: Path, out: Path, calibrate: str | Path | Iterable[Any]) 
     return out
 
 
+def export_int8(
+    weights: Path,
+    out: Path,
+    calibrate: str | Path | Iterable[Any],
+    dynamic_size: bool = False,
+    raw: bool = False,
+) -> Path:
+    """``export_onnx``, then ``quantize_onnx`` on ``calibrate``: the int8 file alone."""
+    with tempfile.TemporaryDirectory(prefix="xception-export-") as work:
+        fp32 = export_onnx(weights, Path(work) / "fp32.onnx", dynamic_size, raw)
+        return quantize_onnx(fp32, out, calibrate)
+
+
 def load_onnx_session(path: Path) -> tuple[onnxruntime.InferenceSession, dict[str, Any]]:
     """An onnxruntime session on the best available provider, and the embedded metadata."""
     (ort,) = _require("onnxruntime")

@@ -21,7 +21,7 @@ from PIL import Image
 
 from xception.class_report import REPORT_FILES, write_class_report
 from xception.config import from_values
-from xception.data.folder import IMAGE_EXTENSIONS
+from xception.data.folder import image_files
 from xception.data.loaders import (
     EvalBatchSampler,
     make_dataset,
@@ -376,7 +376,7 @@ def evaluate_weights(
 def images_in(path: Path) -> list[Path]:
     """A file as given, or the images in a folder (recursively, sorted)."""
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        return image_files(path)
     if not path.exists():
         raise FileNotFoundError(f"no such image or folder: {path}")
     return [path]

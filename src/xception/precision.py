@@ -18,15 +18,14 @@ import warnings
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
-from xception.data.folder import IMAGE_EXTENSIONS, read_rgb
+from xception.data.folder import image_files, read_rgb
 from xception.data.transforms import Preprocessing, eval_transform, normalize
 
-Precision = Literal["fp32", "bf16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
 CPU_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
 CALIBRATION_IMAGES = 256  # onnxruntime's MinMax calibration settles within a few hundred
@@ -84,7 +83,7 @@ def calibration_batches(
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"--calibrate: no such folder: {folder}")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = image_files(folder)
     if not paths:
         raise ValueError(f"--calibrate: {folder} holds no images")
     chosen = [paths[i] for i in np.linspace(0, len(paths) - 1, min(limit, len(paths))).astype(int)]
@@ -104,9 +103,7 @@ def int8_session(
     weights: Path, calibrate: str | Path, raw: bool = False
 ) -> tuple[Any, dict[str, Any]]:
     """An onnxruntime session of ``weights`` quantized to int8 on ``calibrate``'s images."""
-    from xception.exporting import export_onnx, load_onnx_session, quantize_onnx
+    from xception.exporting import export_int8, load_onnx_session
 
     with tempfile.TemporaryDirectory(prefix="xception-int8-") as work:
-        fp32 = export_onnx(weights, Path(work) / "fp32.onnx", raw=raw)
-        quantized = quantize_onnx(fp32, Path(work) / "int8.onnx", calibrate)
-        return load_onnx_session(quantized)
+        return load_onnx_session(export_int8(weights, Path(work) / "int8.onnx", calibrate, raw=raw))

@@ -61,8 +61,9 @@ class Split:
         return matrix
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """Every entry named as an image, regular file or not: reading names the others."""
+def image_files(folder: Path) -> list[Path]:
+    """Every entry under ``folder`` named as an image, sorted, regular file or not:
+    reading names the others."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
@@ -78,7 +79,7 @@ def _folder_split(root: Path, split: str) -> tuple[list[str], list[str], list[in
         raise ValueError(f"{folder} has no class folders")
     paths, labels = [], []
     for index, name in enumerate(classes):
-        images = _images_in(folder / name)
+        images = image_files(folder / name)
         if not images:
             raise ValueError(f"class folder {folder / name} holds no images")
         paths += [str(p.relative_to(root)) for p in images]
