@@ -8,6 +8,9 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# Tests of eval and predict run PyTorch unless they ask for onnxruntime: exporting every
+# weights file a test trains would cost seconds each (tests/test_inference.py covers auto).
+os.environ.setdefault("XCEPTION_BACKEND", "torch")
 
 
 def write_folder(root, per_class=(16, 6), size=(80, 76)):

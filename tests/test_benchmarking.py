@@ -11,8 +11,8 @@ SMALL = BenchConfig(batch_size=2, image_size=71, warmup=1, rounds=3, iterations=
 
 
 def test_contenders_are_timed_every_round_and_compared_to_the_baseline():
-    results = run(["ours", "ours-fast"], "xception_tiny", SMALL)
-    assert [r.name for r in results] == ["ours", "ours-fast"]
+    results = run(["ours", "ours-fast", "ours-default"], "xception_tiny", SMALL)
+    assert [r.name for r in results] == ["ours", "ours-fast", "ours-default"]
     assert all(len(r.seconds) == SMALL.rounds and r.median > 0 for r in results)
     report = to_json(results, SMALL, "xception_tiny")
     assert report["results"][0]["ratio_to_baseline"] == 1.0
@@ -34,6 +34,7 @@ def test_training_mode_times_full_steps():
         (["nope"], "unknown contender"),
         (["onnxruntime"], "inference contender"),
         (["ours-fused"], "inference contender"),
+        (["ours-default"], "inference contender"),
     ],
 )
 def test_bad_contenders_fail_clearly(specs, message):

@@ -334,3 +334,40 @@ def test_finite_weights_that_overflow_give_errors_not_nan_answers(trained, tmp_p
     with pytest.raises(ValueError, match="gives non-finite outputs on the validation images"):
         evaluate_weights(diverged, str(root), workers=0)
     assert evaluate_weights(diverged, str(root), workers=0, allow_nonfinite=True)["images"] == 18
+
+
+def test_auto_backend_runs_a_cached_onnx_export_of_the_same_function(
+    trained, tmp_path, monkeypatch
+):
+    """On a CPU with the export extra, fp32 eval/predict run our ONNX export in onnxruntime
+    (faster there), exported once per file content; the logits are PyTorch's."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import xception.exporting
+    from xception.data.loaders import single_images
+
+    monkeypatch.delenv("XCEPTION_BACKEND")
+    monkeypatch.setenv("XCEPTION_CACHE", str(tmp_path / "cache"))
+    root, weights = trained
+    auto = Predictor.load(weights, device="cpu")
+    torch_path = Predictor.load(weights, device="cpu", backend="torch")
+    assert (auto.backend, torch_path.backend) == ("onnxruntime", "torch")
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1
+
+    paths = sorted(p for p in (root / "val").rglob("*.png"))
+    images = torch.stack([image for _, image in single_images(paths, auto.pre)])
+    torch.testing.assert_close(auto.logits(images), torch_path.logits(images), atol=1e-4, rtol=0)
+
+    # The same content under another name reuses the export; bf16 and GPUs stay in torch.
+    def no_export(*_args, **_kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(xception.exporting, "export_onnx", no_export)
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(weights, copy)
+    assert Predictor.load(copy, device="cpu").backend == "onnxruntime"
+    assert Predictor.load(weights, device="cpu", precision="bf16").backend == "torch"
+    with pytest.raises(ValueError, match="runs fp32 on CPUs"):
+        Predictor.load(weights, device="cpu", amp="bf16", backend="onnxruntime")
+    result = evaluate_weights(weights, root, workers=0, device="cpu")
+    assert result["backend"] == "onnxruntime" and result["images"] == 18

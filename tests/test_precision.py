@@ -6,12 +6,18 @@ import contextlib
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_folder
 from small_runs import config
 
 import xception
 from xception.cli import main
+from xception.data.loaders import single_images
+from xception.data.transforms import normalize
+from xception.fusion import inference_model
+from xception.inference import read_preprocessing
 from xception.precision import cpu_features
+from xception.registry import load_model
 from xception.training.run import train
 
 pytest.importorskip("onnxruntime")
@@ -35,6 +41,10 @@ def top1(weights, folder, **options):
     return {row["path"]: row["predictions"][0]["class"] for row in rows}
 
 
+def val_images(root):
+    return sorted((root / "val").rglob("*.png"))
+
+
 def assert_guarded(answers, reference, precision):
     """The issue's bounds, on the val images: each image's folder is its class."""
 
@@ -54,6 +64,15 @@ def test_bf16_keeps_the_accuracy_and_answers_of_fp32(trained):
     slow = not (features["avx512_bf16"] or features["amx_bf16"])
     with pytest.warns(UserWarning, match="emulated") if slow else contextlib.nullcontext():
         assert_guarded(top1(weights, root / "val", precision="bf16"), reference, "bf16")
+        module = inference_model(load_model(weights)[0], precision="bf16")
+    predictor = xception.Predictor.load(weights, device="cpu", backend="torch")
+    images = torch.stack([image for _, image in single_images(val_images(root), predictor.pre)])
+    x = normalize(images, predictor.pre, torch.float32)
+    with torch.no_grad():  # the module is the Predictor's bf16 path: the same logits
+        expected = inference_model(load_model(weights)[0])(x)
+        found = module(x)
+    assert found.dtype == torch.float32
+    torch.testing.assert_close(found, expected, atol=0.1, rtol=0.05)
 
 
 def test_int8_export_and_eval_keep_the_accuracy_and_answers_of_fp32(trained, tmp_path, capsys):
@@ -90,6 +109,17 @@ def test_int8_export_and_eval_keep_the_accuracy_and_answers_of_fp32(trained, tmp
     assert found["precision"] == "int8" and found["images"] == 60
     assert found["top1"] == pytest.approx(accuracy)
 
+    # inference_model(precision="int8") quantizes a model in memory the same way.
+    model, metadata = load_model(weights)
+    pre = read_preprocessing(metadata, weights)
+    module = inference_model(model, precision="int8", calibrate=root / "train", preprocessing=pre)
+    paths = val_images(root)
+    images = torch.stack([image for _, image in single_images(paths, pre)])
+    with torch.no_grad():
+        indices = module(normalize(images, pre, torch.float32)).argmax(1).tolist()
+    answers = {str(path): metadata["classes"][i] for path, i in zip(paths, indices, strict=True)}
+    assert_guarded(answers, reference, "int8")
+
 
 def test_precision_options_that_cannot_run_are_one_line(trained, capsys):
     root, weights, _ = trained
@@ -99,6 +129,7 @@ def test_precision_options_that_cannot_run_are_one_line(trained, capsys):
         (["predict", str(root / "val"), "--precision", "bf16", "--amp", "fp16"], "disagree"),
         (["export", "--out", str(root / "x.onnx"), "--quantize", "int8"], "go together"),
         (["eval", "--precision", "int8", "--calibrate", str(root / "none")], "no such folder"),
+        (["eval", "--precision", "bf16", "--backend", "onnxruntime"], "runs fp32 on CPUs"),
     ]
     for args, message in cases:
         command = [args[0], "--weights", str(weights), *args[1:]]

@@ -90,6 +90,7 @@ def predict(
     allow_nonfinite: bool = False,
     precision: str = "fp32",
     calibrate: str | Path | None = None,
+    backend: str = "auto",
 ) -> list[dict[str, Any]]:
     """``xception predict``: the top-k classes of each image, as rows
     ``{"path", "predictions": [{"class", "probability"}, ...]}`` (or ``"error"`` for an
@@ -99,14 +100,15 @@ def predict(
     for a Grad-CAM overlay of each image (of ``cam_class``, default the top class, at
     ``cam_layer``, default the model's last feature maps); rows name their file.
     ``precision``: fp32, bf16 or int8 (quantized on the images of the folder
-    ``calibrate``; see ``xception.precision``)."""
+    ``calibrate``; see ``xception.precision``); ``backend``: torch, onnxruntime or auto
+    (``inference.resolve_backend``)."""
     if isinstance(images, str | Path | Image.Image):
         images = [images]
     elif isinstance(images, torch.Tensor):
         images = list(images) if images.ndim == 4 else [images]
     request = CamRequest(Path(cam), cam_class, cam_layer) if cam is not None else None
     predictor = Predictor.load(
-        weights, raw, device, amp, channels_last, allow_nonfinite, precision, calibrate
+        weights, raw, device, amp, channels_last, allow_nonfinite, precision, calibrate, backend
     )
     return predictor.predict(images, top_k, cam=request)
 
@@ -125,7 +127,7 @@ def export(
     """``xception export``: an ONNX graph or a ``torch.export`` program of a weights file,
     carrying its class names and preprocessing. ``quantize="int8"``: an ONNX graph
     quantized to int8 (QDQ) on the images of the folder ``calibrate``."""
-    from xception.exporting import export_int8, export_onnx, export_program
+    from xception.exporting import export_onnx, export_program
 
     if quantize not in (None, "int8"):
         raise ValueError(f"--quantize {quantize!r}: only int8 is offered")
@@ -138,9 +140,7 @@ def export(
         return export_program(Path(weights), out, raw=raw)
     if format != "onnx":
         raise ValueError(f"format={format!r} is not 'onnx' or 'torch-export'")
-    if quantize is None:
-        return export_onnx(Path(weights), out, dynamic_size=dynamic_size, raw=raw)
-    return export_int8(Path(weights), out, calibrate or "", dynamic_size, raw)
+    return export_onnx(Path(weights), out, dynamic_size, raw, calibrate=calibrate)
 
 
 def convert(

@@ -23,6 +23,7 @@ from torch import nn
 
 from xception.devices import Amp, autocast, synchronize
 from xception.fusion import inference_model
+from xception.inference import resolve_backend
 from xception.precision import cpu_features
 from xception.registry import create_model
 from xception.runtime import compile_for_training, keep_freed_memory
@@ -121,13 +122,15 @@ def contender(
     ``ours-fused`` the same with each separable unit as one Triton kernel on GPUs. In
     training, whatever the flags, ``ours-fast`` is ours in channels_last (what ``xception
     train`` runs by default) and ``ours-compiled`` the same under ``torch.compile``;
-    ``onnxruntime`` runs our ONNX export.
+    ``onnxruntime`` runs our ONNX export; ``ours-default`` is whichever of ``onnxruntime``
+    and ``ours-fast`` eval and predict run by default (``inference.resolve_backend``).
     """
-    if (
-        spec in ("ours-fused", "ours-bf16", "ours-int8", "onnxruntime")
-        and config.mode != "inference"
-    ):
+    inference_only = ("ours-fused", "ours-bf16", "ours-int8", "ours-default", "onnxruntime")
+    if spec in inference_only and config.mode != "inference":
         raise ValueError(f"{spec} is an inference contender")
+    if spec == "ours-default":  # what eval and predict run in fp32 on this device
+        backend = resolve_backend("auto", device, "fp32", config.amp)
+        spec = "onnxruntime" if backend == "onnxruntime" else "ours-fast"
     if spec == "ours":
         model = prepare_model(create_model(model_name), config, device)
         return torch_step(model, config, device, config.channels_last)
@@ -158,7 +161,7 @@ def contender(
         return _onnxruntime_step(model_name, config, int8=spec == "ours-int8")
     raise ValueError(
         f"unknown contender {spec!r}: ours, ours-fast, ours-compiled, ours-fused, ours-bf16, "
-        "ours-int8, timm:NAME or onnxruntime"
+        "ours-int8, ours-default, timm:NAME or onnxruntime"
     )
 
 

@@ -20,6 +20,7 @@ from xception.class_report import LEGIBLE_CLASSES, format_table
 from xception.config import choices
 from xception.devices import AMP_CHOICES, DEVICE_HELP, check_device_name
 from xception.files import NoSpaceError
+from xception.inference import BACKENDS
 from xception.precision import PRECISIONS
 from xception.registry import create_model, get_entry, list_models
 from xception.runtime import keep_freed_memory
@@ -113,6 +114,13 @@ def add_precision(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--calibrate", metavar="DIR", help="int8: a folder of a few hundred typical images"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="what runs the model: auto (default: onnxruntime for fp32 on a CPU when the "
+        "export extra is installed, exported once and cached; else torch), torch, onnxruntime",
     )
 
 
@@ -276,6 +284,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         allow_nonfinite=args.allow_nonfinite,
         precision=args.precision,
         calibrate=args.calibrate,
+        backend=args.backend,
     )
     rows = metrics.pop("per_class", None)
     for key, value in metrics.items():
@@ -300,6 +309,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.allow_nonfinite,
         args.precision,
         args.calibrate,
+        args.backend,
     )
     cam = CamRequest(Path(args.cam), args.cam_class, args.cam_layer) if args.cam else None
     if cam is None and (args.cam_class or args.cam_layer):
@@ -590,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ours-fused (inference: separable units as one Triton kernel on GPUs), "
         "ours-bf16 (--precision bf16), ours-int8 (--precision int8: our export quantized, in "
         "onnxruntime), "
-        "timm:NAME (needs timm), onnxruntime (our ONNX export). The first is the baseline.",
+        "timm:NAME (needs timm), onnxruntime (our ONNX export), ours-default (what eval and "
+        "predict run in fp32 here: --backend auto). The first is the baseline.",
     )
     bench.add_argument("model", nargs="?", default="xception")
     bench.add_argument("--mode", choices=("inference", "train"), default="inference")
@@ -598,8 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--contender",
         action="append",
         metavar="SPEC",
-        help="ours, ours-fast, ours-compiled, ours-fused, ours-bf16, ours-int8, timm:NAME, "
-        "onnxruntime (repeatable)",
+        help="ours, ours-fast, ours-compiled, ours-fused, ours-bf16, ours-int8, ours-default, "
+        "timm:NAME, onnxruntime (repeatable)",
     )
     bench.add_argument(
         "--reference",

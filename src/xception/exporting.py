@@ -9,9 +9,11 @@ the example's sizes baked in.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import re
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,8 +23,9 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
+from xception import __version__
 from xception.data.transforms import Preprocessing, normalize
-from xception.files import atomic_write
+from xception.files import atomic_write, cache_folder
 from xception.registry import load_model
 
 if TYPE_CHECKING:
@@ -111,15 +114,35 @@ def export_onnx(
     dynamic_size: bool = False,
     raw: bool = False,
     opset: int | None = None,
+    calibrate: str | Path | Iterable[Any] | None = None,
 ) -> Path:
     """Write ``weights`` as an ONNX graph ``images`` (N, 3, H, W in [-1, 1]) -> ``logits``.
 
     The batch is always dynamic; ``dynamic_size`` makes H and W dynamic too, from the
     smallest size whose last feature map is 2x2 (71 px for Xception, 33 for MobileNet, 107
-    for Inception V3). Metadata goes to ``metadata_props`` as ``xception.*``.
+    for Inception V3). Metadata goes to ``metadata_props`` as ``xception.*``. With
+    ``calibrate``, the graph is quantized to int8 on it (``quantize_onnx``).
     """
-    onnx, _, _ = _require("onnx", "onnxruntime", "onnxscript")
+    _require("onnx", "onnxruntime", "onnxscript")
     model, metadata, size = _load(Path(weights), raw)
+    return write_onnx(model, metadata, size, Path(out), dynamic_size, opset, calibrate)
+
+
+def write_onnx(
+    model: nn.Module,
+    metadata: dict[str, Any],
+    size: int,
+    out: Path,
+    dynamic_size: bool = False,
+    opset: int | None = None,
+    calibrate: str | Path | Iterable[Any] | None = None,
+) -> Path:
+    """``export_onnx`` of a float32 eval model in memory, ``metadata`` embedded."""
+    (onnx,) = _require("onnx")
+    if calibrate is not None:
+        with tempfile.TemporaryDirectory(prefix="xception-export-") as work:
+            fp32 = write_onnx(model, metadata, size, Path(work) / "fp32.onnx", dynamic_size, opset)
+            return quantize_onnx(fp32, out, calibrate)
     program = torch.onnx.export(
         _export(model, size, dynamic_size),
         dynamo=True,
@@ -138,9 +161,31 @@ def export_onnx(
         },
     )
     onnx.checker.check_model(proto)
-    out = Path(out)
     atomic_write(out, lambda tmp: onnx.save_model(proto, tmp, format="protobuf"))
     return out
+
+
+def cached_onnx(weights: Path, raw: bool = False, progress: bool = True) -> Path:
+    """The ONNX export of ``weights`` that the onnxruntime backend runs, exported once per
+    file content (and package version) into ``files.cache_folder("onnx")``: exporting
+    takes seconds to a minute, reading a cached file a fraction of a second."""
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    key = f"{digest.hexdigest()[:32]}-{'raw' if raw else 'default'}-{__version__}"
+    folder = cache_folder("onnx")
+    path = folder / f"{key}.onnx"
+    if not path.is_file():
+        if progress:
+            print(
+                f"exporting {weights.name} for onnxruntime once, into {path} "
+                "(--backend torch runs PyTorch instead)",
+                file=sys.stderr,
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        export_onnx(weights, path, raw=raw)
+    return path
 
 
 def quantize_onnx(fp32: Path, out: Path, calibrate: str | Path | Iterable[Any]) -> Path:
@@ -193,19 +238,6 @@ def quantize_onnx(fp32: Path, out: Path, calibrate: str | Path | Iterable[Any]) 
         onnx.helper.set_model_props(proto, {**props, PREFIX + "precision": json.dumps("int8")})
         atomic_write(out, lambda tmp: onnx.save_model(proto, tmp, format="protobuf"))
     return out
-
-
-def export_int8(
-    weights: Path,
-    out: Path,
-    calibrate: str | Path | Iterable[Any],
-    dynamic_size: bool = False,
-    raw: bool = False,
-) -> Path:
-    """``export_onnx``, then ``quantize_onnx`` on ``calibrate``: the int8 file alone."""
-    with tempfile.TemporaryDirectory(prefix="xception-export-") as work:
-        fp32 = export_onnx(weights, Path(work) / "fp32.onnx", dynamic_size, raw)
-        return quantize_onnx(fp32, out, calibrate)
 
 
 def load_onnx_session(path: Path) -> tuple[onnxruntime.InferenceSession, dict[str, Any]]:

@@ -41,6 +41,13 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def cache_folder(kind: str) -> Path:
+    """Where derived files of one ``kind`` (rendered data sets, exports) are kept:
+    ``$XCEPTION_CACHE/KIND`` if the variable is set, else ``~/.cache/xception/KIND``."""
+    env = os.environ.get("XCEPTION_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "xception") / kind
+
+
 def seal(path: str | Path) -> None:
     """Give a freshly written file the mode any new file gets, and fsync it."""
     os.chmod(path, new_file_mode())

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from xception.data.transforms import Preprocessing
 from xception.fused_separable import fuse_separables
 from xception.layers import SeparableConv2d
 from xception.models.base import ImageClassifier
+from xception.precision import Autocast, check_precision, int8_module
 
 # Stages whose input is at a stride below 16 run a few images at a time; coarser stages run
 # on the whole batch, where their large 1x1 weights are reused across images.
@@ -158,24 +163,45 @@ class FrozenCompiled(nn.Module):
 
 
 def inference_model(
-    model: nn.Module, channels_last: bool = True, compile: bool = False, fused: bool = False
+    model: nn.Module,
+    channels_last: bool = True,
+    compile: bool = False,
+    fused: bool = False,
+    precision: str = "fp32",
+    calibrate: str | Path | Iterable[Any] | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> nn.Module:
     """The fastest safe form of ``model`` for inference: folded, channels_last, micro-batched
     on CPUs, compiled if asked. ``fused`` runs each separable unit as one Triton kernel on
     GPUs (``fused_separable``; on CPUs PyTorch's convolutions compute the same units).
 
+    ``precision`` (``xception.precision``): ``bf16`` runs the same under autocast;
+    ``int8`` quantizes ``model`` (on the CPU) on ``calibrate`` (a folder of images read
+    through ``preprocessing``, default: the model's image size and [-1, 1] scaling, or
+    normalised float32 batches) and runs it in onnxruntime, returning a module.
+
     A compiled model is frozen (it must not be trained or have its weights changed) and
     specialised to its first input's shape, batch size included: the loop over micro-batches
     is unrolled into the graph, so compile it for a fixed serving batch.
     """
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    check_precision(precision, torch.device("cpu" if on_cpu else "cuda"), calibrate)
+    if precision == "int8":
+        if compile or fused:
+            raise ValueError("precision='int8' runs in onnxruntime: it takes no compile or fused")
+        size = (
+            getattr(getattr(model, "config", None), "image_size", None) or Preprocessing.image_size
+        )
+        return int8_module(model, calibrate or "", preprocessing or Preprocessing(image_size=size))
     fast = fold_batchnorm(model).requires_grad_(False)
     if fused:
         fast = fuse_separables(fast)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
-    on_cpu = all(p.device.type == "cpu" for p in fast.parameters())
     if on_cpu and isinstance(fast, ImageClassifier):
         fast = MicroBatched(fast)
+    if precision == "bf16":
+        fast = Autocast(fast, "bf16")
     # Eval mode on the wrappers too: callers that save and restore ``.training`` (evaluate,
     # summary) would otherwise switch the model inside to training mode.
     return (FrozenCompiled(fast) if compile else fast).eval()

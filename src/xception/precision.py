@@ -12,19 +12,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from xception.data.folder import image_files, read_rgb
 from xception.data.transforms import Preprocessing, eval_transform, normalize
+from xception.devices import autocast
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
 CPU_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
@@ -103,7 +106,38 @@ def int8_session(
     weights: Path, calibrate: str | Path, raw: bool = False
 ) -> tuple[Any, dict[str, Any]]:
     """An onnxruntime session of ``weights`` quantized to int8 on ``calibrate``'s images."""
-    from xception.exporting import export_int8, load_onnx_session
+    from xception.exporting import export_onnx, load_onnx_session
 
     with tempfile.TemporaryDirectory(prefix="xception-int8-") as work:
-        return load_onnx_session(export_int8(weights, Path(work) / "int8.onnx", calibrate, raw=raw))
+        out = Path(work) / "int8.onnx"
+        return load_onnx_session(export_onnx(weights, out, raw=raw, calibrate=calibrate))
+
+
+def int8_module(
+    model: nn.Module, calibrate: str | Path | Iterable[Any], pre: Preprocessing
+) -> nn.Module:
+    """``model`` (on the CPU) quantized to int8 on ``calibrate`` (a folder of images, or
+    normalised float32 NCHW batches) and run by onnxruntime, as a module."""
+    from xception.exporting import OnnxModel, load_onnx_session, write_onnx
+
+    metadata = {"model": type(model).__name__, "preprocessing": dataclasses.asdict(pre)}
+    eager = model.float().eval()
+    with tempfile.TemporaryDirectory(prefix="xception-int8-") as work:
+        path = write_onnx(
+            eager, metadata, pre.image_size, Path(work) / "int8.onnx", calibrate=calibrate
+        )
+        session, _ = load_onnx_session(path)
+    return OnnxModel(session).eval()
+
+
+class Autocast(nn.Module):
+    """``module`` run under autocast at ``amp`` (bf16 or fp16) on its input's device, with
+    float32 outputs: ``--precision bf16`` as a module."""
+
+    def __init__(self, module: nn.Module, amp: str) -> None:
+        super().__init__()
+        self.module, self.amp = module, amp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, self.amp):
+            return self.module(x).float()

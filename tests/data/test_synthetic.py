@@ -165,8 +165,8 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_default_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("XCEPTION_CACHE", str(tmp_path))
-    assert default_cache_dir() == tmp_path
-    assert materialize(TINY, progress=False).parent == tmp_path
+    assert default_cache_dir() == tmp_path / "datasets"
+    assert materialize(TINY, progress=False).parent == tmp_path / "datasets"
     monkeypatch.delenv("XCEPTION_CACHE")
     assert default_cache_dir() == Path.home() / ".cache" / "xception" / "datasets"
 

@@ -43,6 +43,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from tqdm import tqdm
 
+from xception.files import cache_folder
+
 #: Bump whenever rendered pixels change: cached folders are named after it.
 RENDER_VERSION = 1
 
@@ -483,9 +485,7 @@ def render(spec: SyntheticSpec, split: str, index: int) -> tuple[Image.Image, li
 
 
 def default_cache_dir() -> Path:
-    """``$XCEPTION_CACHE`` if set, else ``~/.cache/xception/datasets``."""
-    env = os.environ.get("XCEPTION_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "xception" / "datasets"
+    return cache_folder("datasets")
 
 
 def _marker(spec: SyntheticSpec) -> dict:
