@@ -205,3 +205,26 @@ def test_dynamic_batch_export_matches_eager():
 def test_wrongly_typed_options_name_the_field(override, field):
     with pytest.raises(ValueError, match=field):
         xception.create_model("xception", **override)
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "elu"])
+def test_the_papers_no_activation_reaches_every_pointwise_convolution_untouched(activation):
+    """Fig. 10's arms differ only between the two stages of each separable convolution:
+    with "none", what every pointwise convolution reads is exactly what the depthwise one
+    wrote (no code path inserts a non-linearity there); with ReLU or ELU it is that
+    non-linearity of it, in every one of the model's separable layers."""
+    from xception.layers import SeparableConv2d
+
+    model = xception.create_model("xception_tiny", mid_activation=activation).eval()
+    units = [m for m in model.modules() if isinstance(m, SeparableConv2d)]
+    written, read = {}, {}
+    for index, unit in enumerate(units):
+        unit.spatial.register_forward_hook(lambda _m, _i, out, k=index: written.__setitem__(k, out))
+        unit.pointwise.register_forward_pre_hook(lambda _m, i, k=index: read.__setitem__(k, i[0]))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 96, 96))
+    expected = {"none": lambda t: t, "relu": torch.relu, "elu": torch.nn.functional.elu}
+    assert len(units) == 3 * 2 + 2 * 3 + 2 + 2 and len(read) == len(units)  # Fig. 5, tiny
+    for index in range(len(units)):
+        assert (written[index] < 0).any()  # a non-linearity would change something
+        torch.testing.assert_close(read[index], expected[activation](written[index]))

@@ -14,13 +14,14 @@ from xception.training.recipes import RECIPES
 
 
 @pytest.mark.parametrize("scale", ["tiny", "small", "full"])
-@pytest.mark.parametrize("experiment", ["residual", "activation", "spectrum", "head"])
+@pytest.mark.parametrize("experiment", ["residual", "activation", "spectrum", "head", "families"])
 def test_every_arm_builds_and_runs_at_its_scale(experiment, scale):
     """The plan is runnable: every arm's model exists with its overrides and takes the
     images it will be trained on (Inception V3's 75 px minimum included)."""
     s = get_scale(scale)
-    for arm in arms(get_experiment(experiment), s):
-        size = s.head_image_size if arm.multi_label else s.image_size
+    plan = get_experiment(experiment)
+    for arm in arms(plan, s):
+        size = s.family_image_size if plan.families else s.image_size
         if scale != "tiny" and (arm.model != s.xception[0] or size > 128):
             continue  # the large members are built by the model tests; keep this fast
         model = create_model(arm.model, num_classes=10, **arm.overrides).eval()
@@ -46,6 +47,20 @@ def test_arms_differ_from_the_baseline_only_in_the_knob_under_study():
     assert [a.overrides["fc_layers"] for a in with_fc] == [(tiny.fc_units, tiny.fc_units)] * 2
 
 
+@pytest.mark.parametrize("scale", ["tiny", "small", "full"])
+def test_families_compare_xception_and_inception_at_the_same_parameter_count(scale):
+    """Table 1's comparison is at equal size: every arm within 5% of the others (the
+    full models differ by 3.4%), counted with a 10-class head as the arms train."""
+    counts = {
+        arm.name: sum(
+            p.numel() for p in create_model(arm.model, num_classes=10, **arm.overrides).parameters()
+        )
+        for arm in arms(get_experiment("families"), get_scale(scale))
+    }
+    assert set(counts) == {"xception", "inception-paper", "inception"}
+    assert max(counts.values()) / min(counts.values()) < 1.05, counts
+
+
 def test_spectrum_costs_fall_from_regular_to_depthwise_convolution():
     """Multiply-adds of the spatial stage scale as 1/g (PAPER.md section 1): the sweep is
     monotone in cost, regular convolution the dearest."""
@@ -64,7 +79,7 @@ def test_scales_name_real_recipes_and_valid_training_options():
         assert scale.recipe in RECIPES and scale.multi_recipe in RECIPES
         for experiment in EXPERIMENTS.values():  # validates every field
             TrainConfig(**{**RECIPES[scale.recipe], **scale.train, **experiment.train})
-        assert scale.head_image_size >= 75
+        assert scale.family_image_size >= 139  # Inception V3's last grid 3x3 or larger
 
 
 def test_claims_name_arms_of_their_experiment():

@@ -49,6 +49,12 @@ def test_an_experiment_writes_its_report_plots_and_results(tmp_path):
     assert claim["claim"] == "residual connections help" and "verdict" in claim
     report = (out / "report.md").read_text()
     assert "xception reproduce residual" in report and "![training profiles]" in report
+    # Provenance: the set (the built-in one is drawn per seed), its splits, per class.
+    assert len(results["data"]) == 2
+    for facts in results["data"].values():
+        assert facts["splits"]["train"]["images"] == 40 and facts["splits"]["val"]["images"] == 20
+        assert set(facts["splits"]["train"]["per_class"].values()) == {4}
+    assert "**Data:** built-in" in report and "train 40 images (4 per class, 10 classes)" in report
 
 
 def test_an_interrupted_experiment_resumes_arm_by_arm(tmp_path, monkeypatch):

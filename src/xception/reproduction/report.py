@@ -321,6 +321,26 @@ def table3_sections(out: Path, results: dict[str, Any]) -> list[str]:
     ]
 
 
+def data_lines(results: dict[str, Any]) -> list[str]:
+    """Where the images came from: set, splits, images per class (``data_facts``)."""
+    lines = []
+    for source, facts in results.get("data", {}).items():
+        splits = "; ".join(
+            f"{name} {split['images']:,} images ({_per_class(split['per_class'])})"
+            for name, split in facts["splits"].items()
+        )
+        kind = "multi-label" if facts["multi_label"] else "single-label"
+        lines.append(f"**Data:** {source}, {kind}: {splits}")
+    return lines
+
+
+def _per_class(counts: dict[str, int]) -> str:
+    values = set(counts.values())
+    if len(values) == 1:
+        return f"{values.pop():,} per class, {len(counts)} classes"
+    return f"{min(values):,}-{max(values):,} per class, {len(counts)} classes"
+
+
 def write_report(out: Path, results: dict[str, Any]) -> None:
     sections = (
         training_sections(out, results) if "runs" in results else table3_sections(out, results)
@@ -343,5 +363,5 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
             else ""
         ),
     ]
-    write_text(out / "report.md", "\n\n".join([*head, *sections]) + "\n")
+    write_text(out / "report.md", "\n\n".join([*head, *data_lines(results), *sections]) + "\n")
     write_text(out / "results.json", json.dumps(results, indent=2, default=str))

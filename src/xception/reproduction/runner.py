@@ -139,7 +139,7 @@ def arm_config(
         **experiment.train,
         "model": arm.model,
         "model_overrides": arm.overrides,
-        "image_size": scale.head_image_size if arm.multi_label else scale.image_size,
+        "image_size": scale.family_image_size if experiment.families else scale.image_size,
         "multi_label": arm.multi_label,
         "data": plan.data,
         "seed": seed,
@@ -160,13 +160,26 @@ def run_arm(folder: Path, config: TrainConfig, recipe: str, progress: bool) -> d
     return {"summary": summary, "rows": read_metrics(folder)}
 
 
-def class_prior(config: TrainConfig) -> float:
-    """What the arm's score would be if it learned nothing (see ``class_prior_score``)."""
+def data_facts(config: TrainConfig) -> dict[str, Any]:
+    """Which data an arm trained on (the set, its splits, images per class), and its
+    ``prior``: the score if it learned nothing (see ``class_prior_score``)."""
     spec = config.builtin_data()
-    splits = open_data(materialize(spec, progress=False) if spec else config.data or "")
+    root = materialize(spec, progress=False) if spec else config.data or ""
+    splits = open_data(root)
     train_split, val = splits["train"], splits["val"]
     frequency = class_frequencies(train_split.class_counts(), len(train_split))
-    return class_prior_score(frequency, val.label_matrix(), train_split.multi_label)
+    return {
+        "source": f"built-in '{spec.name}' ({root})" if spec else str(root),
+        "multi_label": train_split.multi_label,
+        "splits": {
+            name: {
+                "images": len(split),
+                "per_class": dict(zip(split.classes, split.class_counts(), strict=True)),
+            }
+            for name, split in (("train", train_split), ("val", val))
+        },
+        "prior": class_prior_score(frequency, val.label_matrix(), train_split.multi_label),
+    }
 
 
 def model_cost(weights: Path, image_size: int) -> dict[str, int]:
@@ -301,7 +314,8 @@ def run_experiment(
     }
     speed = out / "speed.json"
     if experiment.trains:
-        runs = results["runs"] = train_arms(out, plan, experiment, scale, progress, say)
+        runs, results["data"] = train_arms(out, plan, experiment, scale, progress, say)
+        results["runs"] = runs
         results["speed"] = cached_json(speed, lambda: arm_speeds(scale, runs, device, say))
     else:
         results["table3"] = cached_json(speed, lambda: run_table3(scale, device, say))
@@ -312,10 +326,12 @@ def run_experiment(
 
 def train_arms(
     out: Path, plan: Plan, experiment: Experiment, scale: Scale, progress: bool, say: Progress
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every arm and seed trained (or read back): one record per run, and ``data_facts``
+    of each data set they trained on, by its source."""
     records = []
     costs: dict[str, dict[str, int]] = {}  # per arm: seeds share the architecture
-    priors: dict[Any, float] = {}  # per data set: arms of a seed share it
+    data: dict[str, dict[str, Any]] = {}  # per data set: arms of a seed share it
     for seed in range(plan.seeds):
         for arm in arms(experiment, scale):
             folder = out / "runs" / f"{arm.name}-seed{seed}"
@@ -324,9 +340,9 @@ def train_arms(
             trained = run_arm(folder, config, arm_recipe(scale, arm), progress)
             if arm.name not in costs:
                 costs[arm.name] = model_cost(folder / "last.safetensors", config.image_size)
-            data = config.builtin_data() or config.data
-            if data not in priors:
-                priors[data] = class_prior(config)
+            source = str(config.builtin_data() or config.data)
+            if source not in data:
+                data[source] = data_facts(config)
             records.append(
                 {
                     "arm": arm.name,
@@ -338,8 +354,9 @@ def train_arms(
                     "batch_size": config.batch_size,
                     "image_size": config.image_size,
                     **costs[arm.name],
-                    "prior": priors[data],
+                    "prior": data[source]["prior"],
+                    "data": data[source]["source"],
                     **trained,
                 }
             )
-    return records
+    return records, {facts["source"]: facts for facts in data.values()}
