@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from xception.data.transforms import Preprocessing, normalize
 from xception.exporting import (
+    _smallest_dynamic_size,
     export_onnx,
     export_program,
     load_onnx_session,
@@ -121,31 +122,34 @@ def test_predict_onnx_batch_matches_pytorch(tiny, tiny_onnx):
     close(predict_onnx_batch(session, batch, pre), expected)
 
 
-@pytest.mark.parametrize(
-    ("name", "size", "dynamic_size", "sizes"),
-    [
-        ("inception_v3", 75, False, [(75, 75)]),
-        # at 32 px the last map is 1x1, so the dynamic range starts at 33 px
-        ("mobilenet_v1_025", 96, True, [(96, 96), (33, 57)]),
-    ],
-)
 @needs_onnx
-def test_onnx_batch_is_always_dynamic(tmp_path, name, size, dynamic_size, sizes):
+def test_onnx_batch_is_always_dynamic(tmp_path):
+    """MobileNet at its 32 px minimum, where its last map is 1x1 (as Inception V3's at
+    75 px) and torch.export treats size-1 dimensions specially: the batch stays dynamic."""
     import onnx
 
-    weights, model, _ = make_weights(tmp_path / "w.safetensors", name, size, multi_label=True)
-    out = export_onnx(weights, tmp_path / "m.onnx", dynamic_size=dynamic_size, opset=18)
+    size = 32
+    weights, model, _ = make_weights(tmp_path / "w.safetensors", "mobilenet_v1_025", size, True)
+    out = export_onnx(weights, tmp_path / "m.onnx", opset=18)
     onnx.checker.check_model(onnx.load(out))
     session, metadata = load_onnx_session(out)
-    spatial = ["height", "width"] if dynamic_size else [size, size]
-    assert session.get_inputs()[0].shape == ["batch", 3, *spatial]
+    assert session.get_inputs()[0].shape == ["batch", 3, size, size]
     assert metadata["multi_label"] is True
-    for height, width in sizes:
-        for batch in (1, 3):
-            x = images(batch, 3, height, width)
-            with torch.no_grad():
-                expected = model(x)
-            close(run(session, x), expected)
+    for batch in (1, 3):
+        x = images(batch, 3, size, size)
+        with torch.no_grad():
+            expected = model(x)
+        close(run(session, x), expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "smallest"), [("mobilenet_v1_025", 33), ("xception_tiny", 71), ("inception_v3", 107)]
+)
+def test_a_dynamic_size_range_starts_where_the_last_map_is_2x2(name, smallest):
+    """At 32 px MobileNet's last map is 1x1 (70 for Xception, 106 for Inception V3)."""
+    overrides = {"width_multiplier": 0.25} if name == "inception_v3" else {}
+    model = create_model(name, num_classes=3, **overrides).eval()
+    assert _smallest_dynamic_size(model) == smallest
 
 
 def test_program_matches_eager_and_keeps_metadata(tiny, tmp_path):
