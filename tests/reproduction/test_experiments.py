@@ -32,8 +32,9 @@ def test_every_arm_builds_and_runs_at_its_scale(experiment, scale):
 def test_arms_differ_from_the_baseline_only_in_the_knob_under_study():
     tiny = get_scale("tiny")
     _, base = tiny.xception
-    residual = arms(get_experiment("residual"), tiny)
-    assert [a.overrides for a in residual] == [base, {**base, "residual": False}]
+    residual = arms(get_experiment("residual"), tiny)  # at the paper's depth
+    deep = {**base, "middle_blocks": 8}
+    assert [a.overrides for a in residual] == [deep, {**deep, "residual": False}]
     activation = arms(get_experiment("activation"), tiny)
     assert [a.overrides["mid_activation"] for a in activation] == ["none", "elu", "relu"]
     assert all({**a.overrides, "mid_activation": "none"} == {**base, "mid_activation": "none"}
@@ -78,7 +79,8 @@ def test_scales_name_real_recipes_and_valid_training_options():
     for scale in SCALES.values():
         assert scale.recipe in RECIPES and scale.multi_recipe in RECIPES
         for experiment in EXPERIMENTS.values():  # validates every field
-            TrainConfig(**{**RECIPES[scale.recipe], **scale.train, **experiment.train})
+            recipe = RECIPES[experiment.recipe or scale.recipe]
+            TrainConfig(**{**recipe, **scale.train, **experiment.train})
         assert scale.family_image_size >= 139  # Inception V3's last grid 3x3 or larger
 
 

@@ -42,7 +42,7 @@ def test_an_experiment_writes_its_report_plots_and_results(tmp_path):
     ]
     model, base = experiments.SCALES["tiny"].xception
     for arm in results["arms"]:  # the trained models' sizes, counted independently
-        overrides = {**base, "residual": arm["arm"] == "residual"}
+        overrides = {**base, "middle_blocks": 8, "residual": arm["arm"] == "residual"}
         expected = create_model(model, num_classes=10, **overrides)
         assert arm["parameters"] == sum(p.numel() for p in expected.parameters())
     (claim,) = results["claims"]
@@ -144,6 +144,7 @@ def stats(arm, scores, prior=0.1):
         final=statistics.fmean(scores),
         final_std=statistics.stdev(scores) if len(scores) > 1 else None,
         profile_mean=statistics.fmean(scores) - 0.1,
+        profile_std=statistics.stdev(scores) if len(scores) > 1 else None,
         parameters=1,
         macs=1,
         train_images_per_s=None,
@@ -156,7 +157,8 @@ def test_verdicts_weigh_the_effect_against_seed_spread():
     clear = verdict(stats("a", [0.79, 0.80, 0.81]), stats("b", [0.69, 0.70, 0.71]))
     assert clear["effect_pp"] == pytest.approx(10.0)
     assert clear["standard_error_pp"] == pytest.approx(0.8165, abs=1e-4)
-    assert clear["verdict"] == "reproduced"
+    assert clear["verdict"] == clear["convergence_verdict"] == "reproduced"
+    assert clear["convergence_standard_error_pp"] == pytest.approx(0.8165, abs=1e-4)
     noisy = verdict(stats("a", [0.70, 0.80]), stats("b", [0.74, 0.74]))
     assert noisy["verdict"] == "same direction as the paper, within seed noise"
     reversed_ = verdict(stats("a", [0.69, 0.70, 0.71]), stats("b", [0.79, 0.80, 0.81]))
@@ -191,6 +193,24 @@ def test_spectrum_arms_train_with_the_fan_in_scaled_spatial_rate_and_others_with
     assert not runner.arm_config(plan, tiny, residual, arm, 0).spatial_lr_fan_in
 
 
+def test_activation_arms_train_with_the_papers_recipe_and_families_at_their_size():
+    """Fig. 10 was measured with SGD + momentum, staircase decay and Polyak averaging;
+    Xception and Inception V3 are compared where Inception's grids do not collapse."""
+    tiny = experiments.get_scale("tiny")
+    activation = experiments.get_experiment("activation")
+    plan = runner.Plan(experiment="activation")
+    for arm in experiments.arms(activation, tiny):
+        config = runner.arm_config(plan, tiny, activation, arm, 0)
+        assert (config.optimizer, config.momentum, config.lr_decay_unit) == ("sgd", 0.9, "epoch")
+        assert config.ema_decay > 0 and config.epochs == tiny.train["epochs"]
+        assert config.image_size == tiny.image_size
+    families = experiments.get_experiment("families")
+    plan = runner.Plan(experiment="families")
+    for arm in experiments.arms(families, tiny):
+        config = runner.arm_config(plan, tiny, families, arm, 0)
+        assert config.optimizer == "adamw" and config.image_size == tiny.family_image_size
+
+
 def test_plans_read_set_values_as_training_option_types():
     from xception.reproduction.runner import Plan
 
@@ -221,5 +241,6 @@ def test_arm_stats_summarise_each_arms_seeds_from_the_runs():
     assert (a.arm, a.label, a.seeds, b.seeds) == ("a", "A", 2, 1)
     assert a.final == pytest.approx(0.8) and a.final_std == pytest.approx(0.1414, abs=1e-4)
     assert a.profile_mean == pytest.approx((0.6 + 0.75) / 2)  # each seed's mean, averaged
+    assert a.profile_std == pytest.approx(0.1061, abs=1e-4) and b.profile_std is None
     assert a.prior == pytest.approx(0.2) and a.train_images_per_s == pytest.approx(64)
     assert b.final == pytest.approx(0.3) and b.final_std is None and b.train_images_per_s is None

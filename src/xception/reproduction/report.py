@@ -34,6 +34,7 @@ class ArmStats:
     final: float  # mean over seeds of the last evaluation's score
     final_std: float | None  # sample standard deviation over seeds (None for one seed)
     profile_mean: float  # mean score over all evaluations: the convergence speed
+    profile_std: float | None  # its sample standard deviation over seeds
     parameters: int
     macs: int
     train_images_per_s: float | None
@@ -68,6 +69,7 @@ def arm_stats(results: dict[str, Any]) -> list[ArmStats]:
                 final=statistics.fmean(finals),
                 final_std=statistics.stdev(finals) if len(finals) > 1 else None,
                 profile_mean=statistics.fmean(profiles),
+                profile_std=statistics.stdev(profiles) if len(profiles) > 1 else None,
                 parameters=mine[0]["parameters"],
                 macs=mine[0]["macs"],
                 train_images_per_s=speed["batch_size"] / timed["train_median_s"] if timed else None,
@@ -78,14 +80,39 @@ def arm_stats(results: dict[str, Any]) -> list[ArmStats]:
 
 
 def verdict(better: ArmStats, worse: ArmStats) -> dict[str, Any]:
-    """Effect (percentage points) of ``better`` over ``worse`` and what it supports.
+    """Effect (percentage points) of ``better`` over ``worse`` and what it supports, on
+    the final score and on convergence (the score averaged over all evaluations).
 
     Beyond noise means the difference of the means exceeds twice its standard error
     (from the seeds' spread); with one seed there is no spread and the verdict says so. An
     arm that did not learn (``ArmStats.learned``) supports no conclusion either way.
     """
-    effect = 100 * (better.final - worse.final)
-    convergence = 100 * (better.profile_mean - worse.profile_mean)
+    found: dict[str, Any] = {}
+    for prefix, (a, a_std), (b, b_std) in (
+        ("", (better.final, better.final_std), (worse.final, worse.final_std)),
+        (
+            "convergence_",
+            (better.profile_mean, better.profile_std),
+            (worse.profile_mean, worse.profile_std),
+        ),
+    ):
+        error = None
+        if a_std is not None and b_std is not None:
+            error = 100 * math.sqrt(a_std**2 / better.seeds + b_std**2 / worse.seeds)
+        found[f"{prefix or 'effect_'}pp"] = 100 * (a - b)
+        found[f"{prefix}standard_error_pp"] = error
+        found[f"{prefix}verdict"] = _weigh(100 * (a - b), error)
+    untrained = [arm for arm in (better, worse) if not arm.learned]
+    if untrained:
+        found["verdict"] = found["convergence_verdict"] = "no conclusion: " + "; ".join(
+            f"{arm.label} did not learn ({_pct(arm.final)}% against {_pct(arm.prior)}% "
+            "from the class prior alone)"
+            for arm in untrained
+        )
+    return found
+
+
+def _weigh(effect: float, error: float | None) -> str:
     direction = (
         "same direction as the paper"
         if effect > 0
@@ -93,30 +120,11 @@ def verdict(better: ArmStats, worse: ArmStats) -> dict[str, Any]:
         if effect < 0
         else "no difference"
     )
-    error = None
-    untrained = [arm for arm in (better, worse) if not arm.learned]
-    if untrained:
-        call = "no conclusion: " + "; ".join(
-            f"{arm.label} did not learn ({_pct(arm.final)}% against {_pct(arm.prior)}% "
-            "from the class prior alone)"
-            for arm in untrained
-        )
-    elif better.final_std is None or worse.final_std is None:
-        call = f"{direction} (1 seed: no spread to weigh it against)"
-    else:
-        error = 100 * math.sqrt(
-            better.final_std**2 / better.seeds + worse.final_std**2 / worse.seeds
-        )
-        if abs(effect) <= 2 * error:
-            call = f"{direction}, within seed noise"
-        else:
-            call = "reproduced" if effect > 0 else "not reproduced: reversed beyond seed noise"
-    return {
-        "effect_pp": effect,
-        "standard_error_pp": error,
-        "convergence_pp": convergence,
-        "verdict": call,
-    }
+    if error is None:
+        return f"{direction} (1 seed: no spread to weigh it against)"
+    if abs(effect) <= 2 * error:
+        return f"{direction}, within seed noise"
+    return "reproduced" if effect > 0 else "not reproduced: reversed beyond seed noise"
 
 
 def plot_profiles(out: Path, results: dict[str, Any]) -> str:
@@ -210,6 +218,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
 
 
+def _se(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
@@ -259,17 +271,29 @@ def training_sections(out: Path, results: dict[str, Any]) -> list[str]:
             [
                 c["claim"],
                 f"{c['effect_pp']:+.2f}",
-                "-" if c["standard_error_pp"] is None else f"{c['standard_error_pp']:.2f}",
-                f"{c['convergence_pp']:+.2f}",
+                _se(c["standard_error_pp"]),
                 c["verdict"],
+                f"{c['convergence_pp']:+.2f}",
+                _se(c["convergence_standard_error_pp"]),
+                c["convergence_verdict"],
             ]
             for c in claims
         ]
-        header = ["the paper's claim", "effect (pp)", "s.e. (pp)", "convergence (pp)", "verdict"]
+        header = [
+            "the paper's claim",
+            "final (pp)",
+            "s.e.",
+            "verdict on the final score",
+            "convergence (pp)",
+            "s.e.",
+            "verdict on convergence",
+        ]
         sections.append(
-            "## The paper's claims\n\nEffect: difference of the final scores in percentage "
-            "points; convergence: difference of the scores averaged over all evaluations "
-            "(positive: the paper's direction).\n\n" + markdown_table(header, rows)
+            "## The paper's claims\n\nFinal: difference of the last evaluations' scores in "
+            "percentage points; convergence: difference of the scores averaged over all "
+            "evaluations (the area under the training profile). Positive is the paper's "
+            "direction; each is weighed against its own seed spread (s.e., pp).\n\n"
+            + markdown_table(header, rows)
         )
     if results["experiment"] == "spectrum":
         sections.append(f"![accuracy against cost]({plot_cost(out, stats, results)})")

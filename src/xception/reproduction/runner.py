@@ -127,7 +127,9 @@ def claim_folder(out: Path, plan: Plan) -> None:
     write_json(marker, plan.identity)
 
 
-def arm_recipe(scale: Scale, arm: Arm) -> str:
+def arm_recipe(scale: Scale, experiment: Experiment, arm: Arm) -> str:
+    if experiment.recipe is not None:
+        return experiment.recipe
     return scale.multi_recipe if arm.multi_label else scale.recipe
 
 
@@ -146,7 +148,7 @@ def arm_config(
         "device": plan.device,
         **plan.train_overrides,
     }
-    return resolve(arm_recipe(scale, arm), None, values)
+    return resolve(arm_recipe(scale, experiment, arm), None, values)
 
 
 def run_arm(folder: Path, config: TrainConfig, recipe: str, progress: bool) -> dict[str, Any]:
@@ -337,7 +339,7 @@ def train_arms(
             folder = out / "runs" / f"{arm.name}-seed{seed}"
             config = arm_config(plan, scale, experiment, arm, seed)
             say(f"arm {arm.name}, seed {seed}: {folder}")
-            trained = run_arm(folder, config, arm_recipe(scale, arm), progress)
+            trained = run_arm(folder, config, arm_recipe(scale, experiment, arm), progress)
             if arm.name not in costs:
                 costs[arm.name] = model_cost(folder / "last.safetensors", config.image_size)
             source = str(config.builtin_data() or config.data)
