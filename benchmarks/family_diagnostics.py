@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ def blocks(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def images(root: str, size: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    paths = image_files(f"{root}/train")
+    paths = image_files(Path(root) / "train")
     classes = sorted({p.parent.name for p in paths})
     chosen = random.Random(seed).sample(paths, count)
     pre = Preprocessing(image_size=size, crop_pct=1.0)
