@@ -168,7 +168,7 @@ def contender(
 def _onnxruntime_step(model_name: str, config: BenchConfig, int8: bool) -> Callable[[], None]:
     """Our ONNX export in onnxruntime; ``int8``: quantized as ``--precision int8`` does
     (calibrated on random images: ranges matter for accuracy, not for speed)."""
-    from xception.exporting import export_onnx, load_onnx_session, quantize_onnx
+    from xception.exporting import export_onnx, load_onnx_session
     from xception.weights import save_weights
 
     folder = Path(tempfile.mkdtemp(prefix="xception-bench-"))
@@ -178,13 +178,13 @@ def _onnxruntime_step(model_name: str, config: BenchConfig, int8: bool) -> Calla
         "preprocessing": {"image_size": config.image_size},
     }
     save_weights(model, folder / "w.safetensors", model_name, metadata)
-    path = export_onnx(folder / "w.safetensors", folder / "m.onnx")
-    if int8:
-        size = (8, 3, config.image_size, config.image_size)
-        batches = [
-            torch.randn(size, generator=torch.Generator().manual_seed(i)).numpy() for i in range(4)
-        ]
-        path = quantize_onnx(path, folder / "int8.onnx", batches)
+    size = (8, 3, config.image_size, config.image_size)
+    batches = [
+        torch.randn(size, generator=torch.Generator().manual_seed(i)).numpy() for i in range(4)
+    ]
+    path = export_onnx(
+        folder / "w.safetensors", folder / "m.onnx", calibrate=batches if int8 else None
+    )
     session, _ = load_onnx_session(path)
     x = torch.randn(config.batch_size, 3, config.image_size, config.image_size).numpy()
     name = session.get_inputs()[0].name

@@ -9,7 +9,6 @@ the example's sizes baked in.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import re
@@ -25,7 +24,7 @@ from torch.export import Dim, ExportedProgram
 
 from xception import __version__
 from xception.data.transforms import Preprocessing, normalize
-from xception.files import atomic_write, cache_folder
+from xception.files import atomic_write, cache_folder, sha256
 from xception.registry import load_model
 
 if TYPE_CHECKING:
@@ -165,24 +164,19 @@ def write_onnx(
     return out
 
 
-def cached_onnx(weights: Path, raw: bool = False, progress: bool = True) -> Path:
+def cached_onnx(weights: Path, raw: bool = False) -> Path:
     """The ONNX export of ``weights`` that the onnxruntime backend runs, exported once per
     file content (and package version) into ``files.cache_folder("onnx")``: exporting
     takes seconds to a minute, reading a cached file a fraction of a second."""
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    key = f"{digest.hexdigest()[:32]}-{'raw' if raw else 'default'}-{__version__}"
+    key = f"{sha256(weights)[:32]}-{'raw' if raw else 'default'}-{__version__}"
     folder = cache_folder("onnx")
     path = folder / f"{key}.onnx"
     if not path.is_file():
-        if progress:
-            print(
-                f"exporting {weights.name} for onnxruntime once, into {path} "
-                "(--backend torch runs PyTorch instead)",
-                file=sys.stderr,
-            )
+        print(
+            f"exporting {weights.name} for onnxruntime once, into {path} "
+            "(--backend torch runs PyTorch instead)",
+            file=sys.stderr,
+        )
         folder.mkdir(parents=True, exist_ok=True)
         export_onnx(weights, path, raw=raw)
     return path

@@ -184,8 +184,8 @@ def inference_model(
     specialised to its first input's shape, batch size included: the loop over micro-batches
     is unrolled into the graph, so compile it for a fixed serving batch.
     """
-    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-    check_precision(precision, torch.device("cpu" if on_cpu else "cuda"), calibrate)
+    device = next(model.parameters()).device
+    check_precision(precision, device, calibrate)
     if precision == "int8":
         if compile or fused:
             raise ValueError("precision='int8' runs in onnxruntime: it takes no compile or fused")
@@ -198,7 +198,7 @@ def inference_model(
         fast = fuse_separables(fast)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
-    if on_cpu and isinstance(fast, ImageClassifier):
+    if device.type == "cpu" and isinstance(fast, ImageClassifier):
         fast = MicroBatched(fast)
     if precision == "bf16":
         fast = Autocast(fast, "bf16")

@@ -6,7 +6,6 @@ safetensors files (architecture and config, class names, preprocessing, source, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from importlib import resources
@@ -16,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from xception.data.transforms import Preprocessing
+from xception.files import sha256
 from xception.weights import save_weights
 
 # The preprocessing every supported pretrained file expects: Inception-style, [-1, 1].
@@ -26,14 +26,6 @@ def imagenet_classes() -> list[str]:
     """The 1000 ImageNet-1k class names in the standard (synset-sorted) order."""
     text = resources.files("xception").joinpath("imagenet_classes.json").read_text()
     return json.loads(text)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_converted(

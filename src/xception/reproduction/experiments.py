@@ -203,8 +203,8 @@ SPECTRUM_GROUPS = (1, 2, 4, 8, None)  # None: depthwise (one group per channel)
 def arms(experiment: Experiment, scale: Scale) -> list[Arm]:
     """The arms of ``experiment`` at ``scale`` (none for ``table3``)."""
     model, base = scale.xception
-    if experiment.name == "residual":  # the claim is about depth: the paper's middle flow
-        deep = {**base, "middle_blocks": PAPER_MIDDLE_BLOCKS}
+    deep = {**base, "middle_blocks": PAPER_MIDDLE_BLOCKS}  # the paper's middle flow
+    if experiment.name == "residual":  # the claim is about depth
         return [
             Arm("residual", "with residual connections", model, deep),
             Arm("no-residual", "without", model, {**deep, "residual": False}),
@@ -227,7 +227,7 @@ def arms(experiment: Experiment, scale: Scale) -> list[Arm]:
     if experiment.name == "families":
         inception, inception_base = scale.inception
         return [
-            Arm("xception", "Xception", model, {**base, "middle_blocks": PAPER_MIDDLE_BLOCKS}),
+            Arm("xception", "Xception", model, deep),
             Arm("inception-paper", "Inception V3 (paper's topology)", inception, inception_base),
             Arm("inception", "Inception V3 (modern topology)", "inception_v3", inception_base),
         ]

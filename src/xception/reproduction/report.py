@@ -87,29 +87,32 @@ def verdict(better: ArmStats, worse: ArmStats) -> dict[str, Any]:
     (from the seeds' spread); with one seed there is no spread and the verdict says so. An
     arm that did not learn (``ArmStats.learned``) supports no conclusion either way.
     """
-    found: dict[str, Any] = {}
-    for prefix, (a, a_std), (b, b_std) in (
-        ("", (better.final, better.final_std), (worse.final, worse.final_std)),
-        (
-            "convergence_",
-            (better.profile_mean, better.profile_std),
-            (worse.profile_mean, worse.profile_std),
-        ),
-    ):
+
+    def compare(a: float, a_std: float | None, b: float, b_std: float | None) -> tuple:
         error = None
         if a_std is not None and b_std is not None:
             error = 100 * math.sqrt(a_std**2 / better.seeds + b_std**2 / worse.seeds)
-        found[f"{prefix or 'effect_'}pp"] = 100 * (a - b)
-        found[f"{prefix}standard_error_pp"] = error
-        found[f"{prefix}verdict"] = _weigh(100 * (a - b), error)
+        return 100 * (a - b), error, _weigh(100 * (a - b), error)
+
+    effect, error, call = compare(better.final, better.final_std, worse.final, worse.final_std)
+    convergence, convergence_error, convergence_call = compare(
+        better.profile_mean, better.profile_std, worse.profile_mean, worse.profile_std
+    )
     untrained = [arm for arm in (better, worse) if not arm.learned]
     if untrained:
-        found["verdict"] = found["convergence_verdict"] = "no conclusion: " + "; ".join(
+        call = convergence_call = "no conclusion: " + "; ".join(
             f"{arm.label} did not learn ({_pct(arm.final)}% against {_pct(arm.prior)}% "
             "from the class prior alone)"
             for arm in untrained
         )
-    return found
+    return {
+        "effect_pp": effect,
+        "standard_error_pp": error,
+        "verdict": call,
+        "convergence_pp": convergence,
+        "convergence_standard_error_pp": convergence_error,
+        "convergence_verdict": convergence_call,
+    }
 
 
 def _weigh(effect: float, error: float | None) -> str:
