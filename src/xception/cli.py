@@ -644,7 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--list", action="store_true", help="name the experiments and scales")
     reproduce.add_argument("--scale", default="tiny", help="tiny (default), small or full")
     reproduce.add_argument(
-        "--seeds", type=at_least(1), default=1, help="runs of each arm (default 1)"
+        "--seeds",
+        type=at_least(1),
+        help="runs of each arm (default: the experiment's, 3; more to decide a small effect)",
     )
     reproduce.add_argument(
         "--data", help="image folder, manifest root or shards (default: the built-in data set)"

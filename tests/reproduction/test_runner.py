@@ -25,7 +25,9 @@ def cache(tmp_path_factory, monkeypatch):
 
 
 def reproduce(out, experiment, *extra):
-    return main(["reproduce", experiment, "--out", str(out), "--quiet", *SMALL, *extra])
+    return main(
+        ["reproduce", experiment, "--out", str(out), "--quiet", "--seeds", "1", *SMALL, *extra]
+    )
 
 
 def test_an_experiment_writes_its_report_plots_and_results(tmp_path):
@@ -209,6 +211,14 @@ def test_activation_arms_train_with_the_papers_recipe_and_families_at_their_size
     for arm in experiments.arms(families, tiny):
         config = runner.arm_config(plan, tiny, families, arm, 0)
         assert config.optimizer == "adamw" and config.image_size == tiny.family_image_size
+        assert config.epochs == tiny.experiment_train["families"]["epochs"] < tiny.train["epochs"]
+
+
+def test_every_experiment_runs_three_seeds_or_more_unless_told():
+    """One seed gives an effect no spread to be judged against."""
+    for name, experiment in experiments.EXPERIMENTS.items():
+        assert runner.Plan(name).seeds == experiment.seeds >= 3
+    assert runner.Plan("residual", seeds=1).seeds == 1
 
 
 def test_plans_read_set_values_as_training_option_types():

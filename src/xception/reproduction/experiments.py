@@ -15,7 +15,9 @@ class Scale:
 
     ``xception`` / ``inception`` are registry names with config overrides; the training
     fields go to ``TrainConfig`` on top of ``recipe`` (``multi_recipe`` for the multi-label
-    ``head`` experiment). ``fc_units`` is the width of the two hidden FC layers of the
+    ``head`` experiment), then ``experiment_train[experiment]``: fewer epochs for the
+    experiments whose arms cost more per image, so that each experiment's default command
+    fits the scale's time budget. ``fc_units`` is the width of the two hidden FC layers of the
     ``head`` experiment (the paper's 4096 at full scale). ``family_image_size`` is the
     input of experiments that compare Xception with Inception V3 (``families``, ``head``):
     large enough that Inception's last grid is at least 3x3 (at 75-106 px it is 1x1 and
@@ -34,6 +36,7 @@ class Scale:
     train: dict[str, Any]
     bench_batch: int
     bench_rounds: int
+    experiment_train: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 SCALES: dict[str, Scale] = {
@@ -41,7 +44,8 @@ SCALES: dict[str, Scale] = {
     for scale in (
         Scale(
             name="tiny",
-            description="2-core CPU, minutes per arm: width 0.25, 72 px (139 px with Inception)",
+            description="2-core CPU, about 30 minutes per experiment (3 seeds): width 0.25, "
+            "72 px (139 px with Inception)",
             xception=("xception_tiny", {"bn_momentum": 0.1}),
             inception=("inception_v3_paper", {"width_multiplier": 0.25, "bn_momentum": 0.1}),
             image_size=72,
@@ -49,9 +53,16 @@ SCALES: dict[str, Scale] = {
             fc_units=512,
             recipe="quick",
             multi_recipe="quick",
-            train=dict(epochs=12, builtin_train_per_class=500, builtin_val_per_class=100),
+            train=dict(epochs=6, builtin_train_per_class=500, builtin_val_per_class=100),
             bench_batch=8,
             bench_rounds=5,
+            # At 139 px an image costs 3.7x as much; regular convolution (spectrum's g = 1)
+            # about 2x a depthwise arm.
+            experiment_train={
+                "families": {"epochs": 3},
+                "head": {"epochs": 3},
+                "spectrum": {"epochs": 4},
+            },
         ),
         Scale(
             name="small",
@@ -126,6 +137,7 @@ class Experiment:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields for every arm
     families: bool = False  # compares Xception with Inception V3: at ``family_image_size``
     recipe: str | None = None  # every arm's recipe, where the claim needs the paper's
+    seeds: int = 3  # runs of each arm by default: the fewest that give an effect a spread
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -194,7 +206,8 @@ EXPERIMENTS: dict[str, Experiment] = {
 
 #: Xception's middle flow at the paper's depth: 8 blocks. At every width this matches
 #: Inception V3's parameter count as closely as the full models do (within 1% at widths
-#: 0.25 and 0.5; 3.3% at full size), which is what makes ``families`` a fair comparison.
+#: 0.25 and 0.5; 3.3% at full size), which is what makes ``families`` and ``head`` fair
+#: comparisons.
 PAPER_MIDDLE_BLOCKS = 8
 
 SPECTRUM_GROUPS = (1, 2, 4, 8, None)  # None: depthwise (one group per channel)
@@ -235,8 +248,8 @@ def arms(experiment: Experiment, scale: Scale) -> list[Arm]:
         fc = {"fc_layers": (scale.fc_units, scale.fc_units)}
         inception, inception_base = scale.inception
         return [
-            Arm("xception", "Xception", model, base, multi_label=True),
-            Arm("xception-fc", "Xception + FC", model, {**base, **fc}, multi_label=True),
+            Arm("xception", "Xception", model, deep, multi_label=True),
+            Arm("xception-fc", "Xception + FC", model, {**deep, **fc}, multi_label=True),
             Arm("inception", "Inception V3", inception, inception_base, multi_label=True),
             Arm(
                 "inception-fc",

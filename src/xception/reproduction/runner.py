@@ -66,7 +66,7 @@ class Plan:
 
     experiment: str
     scale: str = "tiny"
-    seeds: int = 1
+    seeds: int | None = None  # None: the experiment's default
     data: str | None = None
     device: str = "auto"
     train_overrides: dict[str, Any] = field(default_factory=dict)  # --set, on every arm
@@ -74,7 +74,9 @@ class Plan:
     def __post_init__(self) -> None:
         normalize(self)
         check_device_name(self.device)
-        get_experiment(self.experiment), get_scale(self.scale)
+        experiment, _ = get_experiment(self.experiment), get_scale(self.scale)
+        if self.seeds is None:
+            object.__setattr__(self, "seeds", experiment.seeds)
         if self.seeds < 1:
             raise ValueError(f"seeds={self.seeds} must be positive")
         fixed = sorted(set(self.train_overrides) & set(EXPERIMENT_OWNED))
@@ -139,6 +141,7 @@ def arm_config(
     values: dict[str, Any] = {
         **scale.train,
         **experiment.train,
+        **scale.experiment_train.get(experiment.name, {}),
         "model": arm.model,
         "model_overrides": arm.overrides,
         "image_size": scale.family_image_size if experiment.families else scale.image_size,
