@@ -63,7 +63,7 @@ def test_closed_form_on_a_scalar():
     assert warm.num_updates == 3
 
 
-def test_decay_zero_tracks_the_model_and_copies_buffers():
+def test_decay_zero_tracks_the_model_and_its_buffers():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _train_step(model, opt, 0)
@@ -73,6 +73,27 @@ def test_decay_zero_tracks_the_model_and_copies_buffers():
         ema.update(model)
     _assert_bitwise_equal(ema.averaged, model)
     assert ema.averaged[1].num_batches_tracked.item() == 4
+
+
+def test_batchnorm_statistics_are_averaged_with_the_weights_and_counts_copied():
+    """As in TF's Inception training (trainable and moving-average variables alike): the
+    averaged weights meet statistics averaged over the same steps."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ModelEma(model, decay=0.5, warmup=False)
+    norm = model[1]
+    expected_mean = norm.running_mean.clone()
+    expected_var = norm.running_var.clone()
+    for seed in range(3):
+        _train_step(model, opt, seed)
+        ema.update(model)
+        expected_mean = 0.5 * expected_mean + 0.5 * norm.running_mean
+        expected_var = 0.5 * expected_var + 0.5 * norm.running_var
+    averaged = ema.averaged[1]
+    assert not torch.equal(averaged.running_mean, norm.running_mean)
+    torch.testing.assert_close(averaged.running_mean, expected_mean)
+    torch.testing.assert_close(averaged.running_var, expected_var)
+    assert averaged.num_batches_tracked.item() == norm.num_batches_tracked.item() == 3
 
 
 def test_averaged_copy_is_frozen_eval_and_detached_from_the_model():
