@@ -57,11 +57,11 @@ SCALES: dict[str, Scale] = {
             bench_batch=8,
             bench_rounds=5,
             # At 139 px an image costs 3.7x as much; regular convolution (spectrum's g = 1)
-            # about 2x a depthwise arm.
+            # about 3x a depthwise arm.
             experiment_train={
                 "families": {"epochs": 3},
                 "head": {"epochs": 3},
-                "spectrum": {"epochs": 4},
+                "spectrum": {"epochs": 3},
             },
         ),
         Scale(
