@@ -73,7 +73,7 @@ def write_split(
 
 def write_composites(
     source: Path, prefix: str, out: Path, split: str, count: int, seed: int
-) -> int:
+) -> None:
     """``count`` 2x2 composites of 1-3 photos of one IDX split, and their manifest."""
     images = read_idx(source / f"{prefix}-images-idx3-ubyte.gz")
     labels = read_idx(source / f"{prefix}-labels-idx1-ubyte.gz")
@@ -90,7 +90,6 @@ def write_composites(
         Image.fromarray(canvas, mode="L").save(out / name)
         rows.append(f"{name},{';'.join(sorted({CLASSES[labels[p]] for p in photos}))}")
     (out / f"{split}.csv").write_text("\n".join(rows) + "\n")
-    return count
 
 
 def main() -> None:

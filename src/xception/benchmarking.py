@@ -179,12 +179,12 @@ def _onnxruntime_step(model_name: str, config: BenchConfig, int8: bool) -> Calla
     }
     save_weights(model, folder / "w.safetensors", model_name, metadata)
     size = (8, 3, config.image_size, config.image_size)
-    batches = [
-        torch.randn(size, generator=torch.Generator().manual_seed(i)).numpy() for i in range(4)
-    ]
-    path = export_onnx(
-        folder / "w.safetensors", folder / "m.onnx", calibrate=batches if int8 else None
+    batches = (
+        [torch.randn(size, generator=torch.Generator().manual_seed(i)).numpy() for i in range(4)]
+        if int8
+        else None
     )
+    path = export_onnx(folder / "w.safetensors", folder / "m.onnx", calibrate=batches)
     session, _ = load_onnx_session(path)
     x = torch.randn(config.batch_size, 3, config.image_size, config.image_size).numpy()
     name = session.get_inputs()[0].name

@@ -30,7 +30,7 @@ class ModelEma:
     (``tf.trainable_variables() + tf.moving_average_variables()``). Copying the live
     model's statistics instead pairs them with weights from hundreds of steps earlier;
     with SGD at the paper's rate that mismatch made single evaluations of the average
-    collapse (80% to 45% top-1 and back). Integer buffers (``num_batches_tracked``) are
+    collapse (from 70% to 44% top-1 and back). Integer buffers (``num_batches_tracked``) are
     copied. ``averaged`` is a deep copy of the model in eval mode with gradients off, to
     evaluate or export directly.
     """
